@@ -1,0 +1,259 @@
+"""The evaluation protocol of the paper (§5.1), as functions shared by the micro world and real datasets.
+
+- seen/unseen class split: random, seeded, 60/40 per super-category, disjoint;
+- 4-shot training images per seen class; held-out test images for seen and unseen classes;
+- triplets for TAPO (§4.3): anchor, positive (same class), negative (most visually similar other class),
+  with class similarity from a pluggable image-embedding function;
+- closed-world option sets of 4: the ground truth at a seeded random position (the official files always put
+  it first) and distractors from the most similar classes;
+- evaluation records in the official eval JSONL shape (image_path, question, options, ground_truth) + metadata.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .io import iter_jsonl, write_jsonl
+from .records import OFFICIAL_SPLITS_DIR, SUPER_CATEGORIES, ImageRecord
+
+EmbedFn = Callable[[Sequence[Image.Image]], np.ndarray]
+
+
+def _rng(seed: int, *salt) -> random.Random:
+    """A random.Random whose stream depends only on (seed, salt): stable across Python runs."""
+    return random.Random("/".join(str(x) for x in (seed, *salt)))
+
+
+# ---------------------------------------------------------------------------------------------- questions
+def question_templates(super_category: str) -> list[str]:
+    """The 10 question templates of a super-category, as in the official eval files."""
+    path = OFFICIAL_SPLITS_DIR / f"{super_category}.json"
+    if super_category not in SUPER_CATEGORIES:
+        raise ValueError(f"unknown super-category {super_category!r}; expected one of {SUPER_CATEGORIES}")
+    if not path.is_file():
+        raise FileNotFoundError(f"question templates not found: expected {path}")
+    questions = json.loads(path.read_text())["questions"]
+    if len(questions) != 10:
+        raise ValueError(f"{path}: expected 10 question templates, found {len(questions)}")
+    return questions
+
+
+# -------------------------------------------------------------------------------------------------- split
+def split_classes(labels: Iterable[str], seen_frac: float = 0.6, seed: int = 0, salt: str = "") -> dict:
+    """Random seeded seen/unseen split of one super-category's classes (§5.1: 60% / 40%).
+
+    Returns {"seen": [...], "unseen": [...]}, each sorted; both non-empty when there are >= 2 classes.
+    """
+    labels = sorted(set(labels))
+    if len(labels) < 2:
+        raise ValueError(f"need at least 2 classes to split into seen/unseen, got {labels}")
+    if not 0 < seen_frac < 1:
+        raise ValueError(f"seen_frac must be in (0, 1), got {seen_frac}")
+    order = labels[:]
+    _rng(seed, "split", salt).shuffle(order)
+    n_seen = min(len(labels) - 1, max(1, round(seen_frac * len(labels))))
+    return {"seen": sorted(order[:n_seen]), "unseen": sorted(order[n_seen:])}
+
+
+def split_all(records: Iterable[ImageRecord], seen_frac: float = 0.6, seed: int = 0) -> dict[str, dict]:
+    """split_classes for every super-category present in ``records``."""
+    labels: dict[str, set] = defaultdict(set)
+    for r in records:
+        labels[r.super_category].add(r.label)
+    return {sc: split_classes(labels[sc], seen_frac, seed, salt=sc) for sc in SUPER_CATEGORIES if sc in labels}
+
+
+def group_by_label(records: Iterable[ImageRecord]) -> dict[str, list[ImageRecord]]:
+    out: dict[str, list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        out[r.label].append(r)
+    return dict(out)
+
+
+def sample_shots(records: Iterable[ImageRecord], labels: Iterable[str], k: int = 4, seed: int = 0) -> list[ImageRecord]:
+    """k training images per class (§5.1: 4-shot), drawn with a seed from each class's images."""
+    by_label = group_by_label(records)
+    out = []
+    for label in sorted(labels):
+        pool = sorted(by_label.get(label, []), key=lambda r: r.image_id)
+        if len(pool) < k:
+            raise ValueError(f"class {label!r} has {len(pool)} training images, {k}-shot needs {k}")
+        out.extend(_rng(seed, "shots", label).sample(pool, k))
+    return out
+
+
+def check_disjoint(**groups: Iterable[ImageRecord]) -> None:
+    """Raise if any image id appears in two of the named groups (e.g. train=..., test=..., pretrain=...)."""
+    seen: dict[str, str] = {}
+    for name, recs in groups.items():
+        for r in recs:
+            if r.image_id in seen and seen[r.image_id] != name:
+                raise ValueError(f"image {r.image_id} is in both {seen[r.image_id]!r} and {name!r}")
+            seen[r.image_id] = name
+
+
+# ------------------------------------------------------------------------------------------- similarity
+def thumbnail_embedding(images: Sequence[Image.Image], side: int = 12) -> np.ndarray:
+    """The default image embedding: a small colour thumbnail, mean-centred and L2-normalised.
+
+    Cheap and model-free; pass a model's image features instead once a model exists (the argument
+    ``embed_fn`` of class_similarity)."""
+    rows = []
+    for im in images:
+        a = np.asarray(im.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float32).ravel()
+        a = a - a.mean()
+        rows.append(a / (np.linalg.norm(a) + 1e-8))
+    return np.stack(rows)
+
+
+def class_similarity(images_by_label: dict[str, Sequence[Image.Image]], embed_fn: EmbedFn = thumbnail_embedding
+                     ) -> tuple[list[str], np.ndarray]:
+    """Cosine similarity between class prototypes (mean image embeddings). Returns (labels, S)."""
+    labels = sorted(images_by_label)
+    if not labels:
+        raise ValueError("class_similarity needs at least one class with images")
+    protos = []
+    for label in labels:
+        ims = images_by_label[label]
+        if len(ims) == 0:
+            raise ValueError(f"class {label!r} has no images to embed")
+        e = np.asarray(embed_fn(ims), dtype=np.float64).mean(0)
+        protos.append(e / (np.linalg.norm(e) + 1e-12))
+    P = np.stack(protos)
+    return labels, P @ P.T
+
+
+@dataclass
+class Similarity:
+    """Class-to-class similarity within super-categories; ranks the most similar other classes."""
+
+    labels: list[str]
+    matrix: np.ndarray
+    super_of: dict[str, str]
+
+    def ranked(self, label: str, among: Iterable[str] | None = None) -> list[str]:
+        """Other classes of the same super-category, most similar first (ties broken by name)."""
+        if label not in self.super_of:
+            raise KeyError(f"class {label!r} has no similarity row")
+        i = self.labels.index(label)
+        allowed = set(among) if among is not None else None
+        cands = [(float(-self.matrix[i, j]), other) for j, other in enumerate(self.labels)
+                 if other != label and self.super_of[other] == self.super_of[label]
+                 and (allowed is None or other in allowed)]
+        return [o for _, o in sorted(cands)]
+
+
+def build_similarity(records: Iterable[ImageRecord], load_image: Callable[[ImageRecord], Image.Image],
+                     embed_fn: EmbedFn = thumbnail_embedding, per_class: int = 4) -> Similarity:
+    """Similarity of every class to every other, from ``per_class`` images each (the first by id)."""
+    by_label = group_by_label(records)
+    images = {lab: [load_image(r) for r in sorted(rs, key=lambda r: r.image_id)[:per_class]]
+              for lab, rs in by_label.items()}
+    labels, S = class_similarity(images, embed_fn)
+    return Similarity(labels, S, {lab: by_label[lab][0].super_category for lab in labels})
+
+
+# ----------------------------------------------------------------------------------------------- triplets
+@dataclass(frozen=True)
+class Triplet:
+    """Anchor x, positive x_pos (same class, another image) and negative x_neg (most similar other class)."""
+
+    anchor: ImageRecord
+    positive: ImageRecord
+    negative: ImageRecord
+
+    def to_dict(self) -> dict:
+        return {"anchor": self.anchor.to_dict(), "positive": self.positive.to_dict(),
+                "negative": self.negative.to_dict()}
+
+
+def make_triplets(anchors: Sequence[ImageRecord], pool: Sequence[ImageRecord], sim: Similarity,
+                  seed: int = 0, negative_among: Iterable[str] | None = None) -> list[Triplet]:
+    """One triplet per anchor (§4.3, intra- and inter-class augmentation).
+
+    positive: a random other image of the anchor's class from ``pool``;
+    negative: a random image of the most similar other class (per ``sim``) that has images in ``pool``,
+    restricted to ``negative_among`` when given (e.g. the seen classes only)."""
+    by_label = group_by_label(pool)
+    out = []
+    for a in anchors:
+        rng = _rng(seed, "triplet", a.image_id)
+        same = sorted((r for r in by_label.get(a.label, []) if r.image_id != a.image_id), key=lambda r: r.image_id)
+        if not same:
+            raise ValueError(f"no positive for {a.image_id}: class {a.label!r} has no other image in the pool")
+        allowed = [lab for lab in sim.ranked(a.label, negative_among) if by_label.get(lab)]
+        if not allowed:
+            raise ValueError(f"no negative for {a.image_id}: no other class of {a.super_category!r} in the pool")
+        negs = sorted(by_label[allowed[0]], key=lambda r: r.image_id)
+        out.append(Triplet(a, rng.choice(same), rng.choice(negs)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- closed world
+def closed_world_options(ground_truth: str, ranked_distractors: Sequence[str], k: int = 4,
+                         rng: random.Random | None = None) -> list[str]:
+    """k options: the ground truth and the k-1 most similar classes, the ground truth at a random position."""
+    distractors = [d for d in ranked_distractors if d != ground_truth][: k - 1]
+    if len(distractors) < k - 1:
+        raise ValueError(f"need {k - 1} distractors for {ground_truth!r}, only {len(distractors)} available")
+    options = distractors[:]
+    options.insert((rng or random.Random(0)).randrange(k), ground_truth)
+    return options
+
+
+EVAL_KEYS = ("image_path", "question", "options", "ground_truth")
+
+
+def eval_records(test: Sequence[ImageRecord], sim: Similarity, split: dict[str, dict], seed: int = 0,
+                 k: int = 4) -> list[dict]:
+    """Evaluation records in the official eval JSONL shape, plus metadata (super-category, genus, split).
+
+    Distractors come from all classes of the super-category (seen and unseen), most similar first."""
+    rows = []
+    for r in test:
+        rng = _rng(seed, "eval", r.image_id)
+        sc_split = split[r.super_category]
+        which = "seen" if r.label in sc_split["seen"] else "unseen" if r.label in sc_split["unseen"] else None
+        if which is None:
+            raise ValueError(f"test image {r.image_id}: class {r.label!r} is in neither seen nor unseen")
+        rows.append({
+            "image_path": r.path,
+            "question": rng.choice(question_templates(r.super_category)),
+            "options": closed_world_options(r.label, sim.ranked(r.label), k, rng),
+            "ground_truth": r.label,
+            "super_category": r.super_category, "genus": r.genus, "split": which, "image_id": r.image_id,
+        })
+    return rows
+
+
+def write_eval_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    return write_jsonl(path, rows)
+
+
+def read_eval_jsonl(path: str | Path, super_category: str | None = None, split: str | None = None) -> list[dict]:
+    """Read an eval JSONL file: ours or the official release (same four keys; metadata optional).
+
+    Missing metadata is filled in: ``super_category`` from the argument (or the file name, e.g.
+    ``bird_seen.jsonl``), ``split`` likewise."""
+    stem = Path(path).stem.lower()
+    rows = []
+    for lineno, row in enumerate(iter_jsonl(path), 1):
+        missing = [k for k in EVAL_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: eval record is missing {missing} (has {sorted(row)})")
+        if not isinstance(row["options"], list) or len(row["options"]) < 2:
+            raise ValueError(f"{path}:{lineno}: 'options' must be a list of at least 2 names")
+        row = dict(row)
+        if "super_category" not in row:
+            row["super_category"] = super_category or next((s for s in SUPER_CATEGORIES if s in stem), None)
+        if "split" not in row:
+            row["split"] = split or ("unseen" if "unseen" in stem else "seen" if "seen" in stem else None)
+        rows.append(row)
+    return rows
