@@ -1,0 +1,258 @@
+"""Inference API used by every later stage: batched inputs, generation, rescoring, the k3 KL estimator.
+
+- :func:`generate` samples (or greedily decodes) completions and can return each generated token's log-prob
+  under the model (log-softmax of the raw logits, i.e. temperature 1) plus the token ids.
+- :func:`rescore` recomputes those log-probs for given completions under any image (anchor, positive,
+  negative), optionally with gradients: the building block of SFT losses and TAPO.
+- :func:`token_kl_k3` is Schulman's k3 estimator used by TAPO's inter-class term (paper Eq. 3).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import Qwen2_5_VLModel
+
+from .model import vision_token_ids
+
+__all__ = ["Generations", "build_messages", "build_inputs", "generate", "rescore", "token_kl_k3"]
+
+
+class Generations(NamedTuple):
+    """What :func:`generate` returns with ``return_scores=True`` (one entry per completion)."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # generated ids, ending with <|im_end|> when the model stopped
+    logprobs: list[torch.Tensor]  # float32, one value per token id
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def build_messages(image: Image.Image | None, prompt: str, system: str | None = None) -> list[dict]:
+    """One chat: [system], user = [image] + prompt. ``system=None`` keeps Qwen's default system prompt."""
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def build_inputs(
+    processor,
+    images: Sequence[Image.Image | None],
+    prompts: Sequence[str],
+    system: str | None = None,
+    padding_side: str = "left",
+):
+    """Chat template + processor for a batch; an image may be ``None`` (text-only prompt)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    texts = [
+        processor.apply_chat_template(build_messages(img, p, system), tokenize=False, add_generation_prompt=True)
+        for img, p in zip(images, prompts)
+    ]
+    present = [img for img in images if img is not None]
+    return processor(
+        images=present or None,
+        text=texts,
+        padding=True,
+        padding_side=padding_side,
+        return_tensors="pt",
+    )
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _vl_model(model) -> Qwen2_5_VLModel:
+    """The inner Qwen2_5_VLModel (through a peft wrapper if any)."""
+    for module in model.modules():
+        if isinstance(module, Qwen2_5_VLModel):
+            return module
+    raise TypeError(f"no Qwen2_5_VLModel inside {type(model).__name__}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Seed torch's RNG inside the block only; the caller's RNG state is restored afterwards."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def generate(
+    model,
+    processor,
+    images: Sequence[Image.Image | None],
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    seed: int | None = None,
+    batch_size: int = 16,
+    return_scores: bool = False,
+    progress: bool = True,
+) -> list[str] | Generations:
+    """Complete each (image, prompt); returns ``num_return_sequences`` completions per prompt, prompt-major.
+
+    Left padding, KV cache, vision tokens suppressed, stops at ``<|im_end|>``. With ``return_scores`` a
+    :class:`Generations` carries the token ids and their log-probs at temperature 1 (raw logits).
+    """
+    tokenizer = processor.tokenizer
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = [(img, p) for img, p in zip(images, prompts, strict=True) for _ in range(num_return_sequences)]
+    device = _device(model)
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        repetition_penalty=1.0,
+        suppress_tokens=vision_token_ids(tokenizer),
+        eos_token_id=eos_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=return_scores,
+    )
+    if do_sample:  # explicit values, so a hub generation_config.json (top_k=1, ...) cannot leak in
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    texts, all_ids, all_logps = [], [], []
+    starts = range(0, len(rows), batch_size)
+    with _seeded(seed, device):
+        for start in tqdm(starts, desc="generate", disable=not progress or len(starts) == 0):
+            chunk = rows[start : start + batch_size]
+            inputs = build_inputs(processor, [r[0] for r in chunk], [r[1] for r in chunk], system, "left")
+            inputs = inputs.to(device)
+            out = model.generate(**inputs, **gen_kwargs)
+            _vl_model(model).rope_deltas = None  # do not leave this batch's rope deltas behind
+            new = out.sequences[:, inputs["input_ids"].shape[1] :].cpu()
+            if return_scores:
+                logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, T, V) raw logits
+                logps = torch.log_softmax(logits, dim=-1).gather(-1, new[..., None]).squeeze(-1)
+            for i, seq in enumerate(new.tolist()):
+                n = seq.index(eos_id) + 1 if eos_id in seq else len(seq)
+                all_ids.append(seq[:n])
+                texts.append(tokenizer.decode(seq[:n], skip_special_tokens=True))
+                if return_scores:
+                    all_logps.append(logps[i, :n].clone())
+    if return_scores:
+        return Generations(texts, all_ids, all_logps)
+    return texts
+
+
+# --------------------------------------------------------------------------------------------------
+# Rescoring
+# --------------------------------------------------------------------------------------------------
+
+
+def rescore(
+    model,
+    processor,
+    images: Sequence[Image.Image | None],
+    prompts: Sequence[str],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    system: str | None = None,
+    grad: bool = False,
+    batch_size: int | None = None,
+) -> list[torch.Tensor]:
+    """Per-token log-probs of ``completion_ids[i]`` given (images[i], prompts[i]); one tensor per row.
+
+    Rows are prompt + completion, right-padded, with the 3-D (mrope) positions computed over the whole
+    row, exactly as generation assigns them. ``grad=True`` keeps the graph for a backward pass.
+    """
+    if not len(images) == len(prompts) == len(completion_ids):
+        raise ValueError("images, prompts and completion_ids must have the same length")
+    batch_size = batch_size or max(1, len(prompts))
+    results: list[torch.Tensor] = []
+    context = torch.enable_grad() if grad else torch.no_grad()
+    with context:
+        for start in range(0, len(prompts), batch_size):
+            sl = slice(start, start + batch_size)
+            results += _rescore_batch(model, processor, images[sl], prompts[sl], completion_ids[sl], system)
+    return results
+
+
+def _rescore_batch(model, processor, images, prompts, completion_ids, system):
+    device = _device(model)
+    tokenizer = processor.tokenizer
+    prompt_inputs = build_inputs(processor, images, prompts, system, padding_side="right")
+    prompt_lens = prompt_inputs["attention_mask"].sum(dim=1).tolist()
+    completions = [list(map(int, c)) for c in completion_ids]
+    total = max(p + len(c) for p, c in zip(prompt_lens, completions))
+
+    # prompt (unpadded) + completion, then right padding
+    input_ids = torch.full((len(prompts), total), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), total), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_lens, completions)):
+        input_ids[i, :p] = prompt_inputs["input_ids"][i, :p]
+        input_ids[i, p : p + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, : p + len(c)] = 1
+    # modality of each token (1 = image, 2 = video); the completion is text (0)
+    mm_token_type_ids = torch.zeros_like(input_ids)
+    mm_token_type_ids[:, : prompt_inputs["mm_token_type_ids"].shape[1]] = prompt_inputs["mm_token_type_ids"]
+    mm_token_type_ids *= attention_mask
+
+    input_ids, attention_mask, mm_token_type_ids = (t.to(device) for t in (input_ids, attention_mask, mm_token_type_ids))
+    image_grid_thw = prompt_inputs.get("image_grid_thw")
+    image_grid_thw = image_grid_thw.to(device) if image_grid_thw is not None else None
+    pixel_values = prompt_inputs.get("pixel_values")
+    pixel_values = pixel_values.to(device) if pixel_values is not None else None
+
+    # 3-D rope positions over the full row (text after the image continues from the image's max position)
+    vl = _vl_model(model)
+    position_ids, _ = vl.get_rope_index(
+        input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+    )
+    vl.rope_deltas = None
+
+    # logits are only needed from the earliest completion start on
+    first = min(prompt_lens) - 1
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        mm_token_type_ids=mm_token_type_ids,
+        use_cache=False,
+        logits_to_keep=total - first,
+    )
+    logits = out.logits  # (B, total - first, V); position j predicts token j + 1 (+ first)
+    result = []
+    for i, (p, c) in enumerate(zip(prompt_lens, completions)):
+        rows = logits[i, p - 1 - first : p - 1 - first + len(c)].float()
+        targets = input_ids[i, p : p + len(c)]
+        result.append(torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# KL
+# --------------------------------------------------------------------------------------------------
+
+
+def token_kl_k3(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(p || q) per token: g - log g - 1 with g = q/p (paper Eq. 3); >= 0."""
+    log_g = logp_q - logp_p
+    return torch.exp(log_g) - log_g - 1.0
