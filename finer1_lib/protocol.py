@@ -113,9 +113,12 @@ def thumbnail_embedding(images: Sequence[Image.Image], side: int = 12) -> np.nda
     return np.stack(rows)
 
 
-def class_similarity(images_by_label: dict[str, Sequence[Image.Image]], embed_fn: EmbedFn = thumbnail_embedding
-                     ) -> tuple[list[str], np.ndarray]:
-    """Cosine similarity between class prototypes (mean image embeddings). Returns (labels, S)."""
+def class_similarity(images_by_label: dict[str, Sequence[Image.Image]], embed_fn: EmbedFn = thumbnail_embedding,
+                     center: bool = False) -> tuple[list[str], np.ndarray]:
+    """Cosine similarity between class prototypes (mean image embeddings). Returns (labels, S).
+
+    ``center=True`` subtracts the mean prototype first (removes what all classes share, e.g. a model's
+    common image features), so the ranking reflects what tells classes apart."""
     labels = sorted(images_by_label)
     if not labels:
         raise ValueError("class_similarity needs at least one class with images")
@@ -127,6 +130,9 @@ def class_similarity(images_by_label: dict[str, Sequence[Image.Image]], embed_fn
         e = np.asarray(embed_fn(ims), dtype=np.float64).mean(0)
         protos.append(e / (np.linalg.norm(e) + 1e-12))
     P = np.stack(protos)
+    if center and len(P) > 1:
+        P = P - P.mean(0, keepdims=True)
+        P = P / (np.linalg.norm(P, axis=1, keepdims=True) + 1e-12)
     return labels, P @ P.T
 
 
@@ -151,12 +157,12 @@ class Similarity:
 
 
 def build_similarity(records: Iterable[ImageRecord], load_image: Callable[[ImageRecord], Image.Image],
-                     embed_fn: EmbedFn = thumbnail_embedding, per_class: int = 4) -> Similarity:
+                     embed_fn: EmbedFn = thumbnail_embedding, per_class: int = 4, center: bool = False) -> Similarity:
     """Similarity of every class to every other, from ``per_class`` images each (the first by id)."""
     by_label = group_by_label(records)
     images = {lab: [load_image(r) for r in sorted(rs, key=lambda r: r.image_id)[:per_class]]
               for lab, rs in by_label.items()}
-    labels, S = class_similarity(images, embed_fn)
+    labels, S = class_similarity(images, embed_fn, center)
     return Similarity(labels, S, {lab: by_label[lab][0].super_category for lab in labels})
 
 
@@ -204,7 +210,7 @@ def closed_world_options(ground_truth: str, ranked_distractors: Sequence[str], k
     if len(distractors) < k - 1:
         raise ValueError(f"need {k - 1} distractors for {ground_truth!r}, only {len(distractors)} available")
     options = distractors[:]
-    options.insert((rng or random.Random(0)).randrange(k), ground_truth)
+    options.insert((rng or random.Random(f"options-{ground_truth}")).randrange(k), ground_truth)
     return options
 
 

@@ -242,6 +242,7 @@ class World:
         return render_instance(sp.super_category, sp.attributes, rng, self.image_size)
 
     def record(self, name: str, pool: str, index: int, root: str | Path = "") -> ImageRecord:
+        self.image_seed(name, pool, index)  # validates name, pool and index
         sp = self.get(name)
         rel = Path("images") / pool / sp.super_category / sp.slug / f"{index:04d}.png"
         return ImageRecord(

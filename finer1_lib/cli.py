@@ -1,0 +1,95 @@
+"""Command line: ``python -m finer1_lib <stage> --profile P --seed S --out DIR``.
+
+Every stage of the tutorial is a function of the library; this file only parses arguments and calls it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .profiles import get_profile, profile_names
+
+STAGES: dict[str, tuple[str, callable]] = {}
+
+
+def stage(name: str, help: str):
+    def register(fn):
+        STAGES[name] = (help, fn)
+        return fn
+    return register
+
+
+@stage("world", "render the micro world (or read the real datasets) and write split, shots, triplets, eval JSONL")
+def _world(args) -> int:
+    from .benchmark import build_benchmark
+
+    bench = build_benchmark(args.profile, args.out or None, args.seed)
+    print(json.dumps(bench.info, indent=1))
+    print(f"benchmark written to {bench.root}")
+    return 0
+
+
+@stage("pretrain", "pretrain the tiny Qwen2.5-VL on the micro world (resumes from its last checkpoint)")
+def _pretrain(args) -> int:
+    from .pretrain import pretrain
+
+    final = pretrain(args.profile, args.out or None, steps=args.steps)
+    print(f"model written to {final}")
+    if args.ship:
+        from .pretrain import ship_model
+
+        print(f"shipped to {ship_model(final.parent)}")
+    return 0
+
+
+@stage("tutorial", "run the notebooks in order, writing executed copies, figures/ and a results report")
+def _tutorial(args) -> int:
+    from .tutorial import run_tutorial
+
+    report = run_tutorial(args.profile, args.out or None, only=args.only)
+    print(f"report written to {report}")
+    return 0
+
+
+@stage("bench", "benchmarks: `bench generate` prints rollout tokens/s and peak memory of the profile's model")
+def _bench(args) -> int:
+    from .bench import bench_generate
+
+    result = {"generate": bench_generate}[args.what](args.profile, args.out or None, seed=args.seed)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m finer1_lib",
+        description="Fine-R1 tutorial: every stage of the pipeline as a command (run one with --help for options).",
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (help, _) in STAGES.items():
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--profile", default=os.environ.get("FINER1_PROFILE", "cpu"), choices=profile_names(),
+                       help="sizes and model (default: $FINER1_PROFILE or cpu)")
+        p.add_argument("--seed", type=int, default=0, help="run seed (split, shots, training)")
+        p.add_argument("--out", default="", help="output folder (default: data/runs/<profile>/...)")
+        if name == "pretrain":
+            p.add_argument("--steps", type=int, default=None, help="override the profile's step count")
+            p.add_argument("--ship", action="store_true", help="copy the result to data/base_model (the shipped model)")
+        if name == "bench":
+            p.add_argument("what", choices=["generate"], help="what to benchmark")
+        if name == "tutorial":
+            p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 00 01")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    get_profile(args.profile)  # validates
+    try:
+        return STAGES[args.stage][1](args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,109 @@
+"""Profiles: every size and name the pipeline uses, in one place (nanoGPT style: plain values).
+
+A notebook never edits code to switch worlds: it calls :func:`get_profile`, which reads ``FINER1_PROFILE``
+(default ``cpu``). ``smoke`` shrinks everything for CI; ``cpu`` is the full micro-world tutorial on a 2-core
+CPU; ``qwen2.5-vl-3b`` / ``qwen2.5-vl-7b`` are the paper's settings on real data (a GPU and the weights needed).
+The algorithms never branch on the profile name: they read these values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .records import DATA_DIR, REPO_ROOT
+
+__all__ = ["Profile", "PROFILES", "get_profile", "profile_names", "current_run_dir", "BASE_MODEL_DIR"]
+
+#: The shipped micro-world base model (built by ``python -m finer1_lib pretrain --profile cpu``).
+BASE_MODEL_DIR = DATA_DIR / "base_model"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    world: str = "micro"             # "micro" (rendered here) or "real" (the six datasets on disk)
+    # --- micro world
+    world_seed: int = 0
+    image_size: int = 112
+    n_genera: int = 4
+    # --- protocol (paper §5: 60/40 seen/unseen split, 4-shot training images per seen class)
+    seen_frac: float = 0.6
+    shots: int = 4
+    test_per_class: int = 10         # held-out test images per class (seen and unseen)
+    rl_per_class: int = 8            # extra training-pool images per seen class for TAPO positives
+    reference_per_class: int = 4     # images per class used only to measure visual similarity
+    super_categories: tuple[str, ...] = ("aircraft", "bird", "car", "dog", "flower", "pet")
+    data_root: str | None = None     # real world: folder holding the six datasets (see datasets.py)
+    # --- model
+    model: str = str(BASE_MODEL_DIR)  # local folder or hub id
+    tiny_size: str = "tiny-6m"       # size of the tiny model pretrained from scratch
+    dtype: str = "float32"
+    # --- stages: plain dicts of hyper-parameters, one per stage
+    pretrain: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    # --- output
+    figures_in_repo: bool = True     # False: figures go to the run folder (CI must not touch figures/)
+
+    def replace(self, **changes) -> "Profile":
+        return dataclasses.replace(self, **changes)
+
+    def run_dir(self, out: str | os.PathLike | None = None) -> Path:
+        return Path(out) if out else REPO_ROOT / "data" / "runs" / self.name
+
+    def figures_dir(self, out: str | os.PathLike | None = None) -> Path:
+        out = out or os.environ.get("FINER1_RUN_DIR")
+        path = REPO_ROOT / "figures" if self.figures_in_repo else self.run_dir(out) / "figures"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+# Pretraining mixture (issue "base model"): shares of each task in a batch.
+#   caption: image -> all attributes; attribute: image -> one attribute; super: image -> super-category;
+#   knowledge: name -> field guide and field guide -> name (text only, ALL species);
+#   naming: image -> species name, only from `naming_images` fixed images per species;
+#   reasoning: text-only structured reasoning over the field guide (Table 5 format).
+PRETRAIN_MIXTURE = dict(caption=0.30, attribute=0.10, super=0.04, knowledge=0.30, naming=0.08, reasoning=0.18)
+
+_CPU_PRETRAIN = dict(steps=5000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=200, weight_decay=0.01,
+                     mixture=PRETRAIN_MIXTURE, naming_images=2, checkpoint_every=250, seed=0,
+                     max_tokens_per_chunk=2048)
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(name="cpu", pretrain=_CPU_PRETRAIN,
+                   eval=dict(max_new_tokens=160, batch_size=32)),
+    "smoke": Profile(name="smoke", test_per_class=2, rl_per_class=2, reference_per_class=2,
+                     figures_in_repo=False,
+                     pretrain=dict(_CPU_PRETRAIN, steps=20, batch_size=4, warmup=5, checkpoint_every=10),
+                     eval=dict(max_new_tokens=160, batch_size=32)),
+    "qwen2.5-vl-3b": Profile(name="qwen2.5-vl-3b", world="real", model="Qwen/Qwen2.5-VL-3B-Instruct",
+                             image_size=448, data_root=str(DATA_DIR / "datasets"), dtype="bfloat16",
+                             test_per_class=10**9, eval=dict(max_new_tokens=1024, batch_size=16)),
+    "qwen2.5-vl-7b": Profile(name="qwen2.5-vl-7b", world="real", model="Qwen/Qwen2.5-VL-7B-Instruct",
+                             image_size=448, data_root=str(DATA_DIR / "datasets"), dtype="bfloat16",
+                             test_per_class=10**9, eval=dict(max_new_tokens=1024, batch_size=8)),
+}
+
+
+def current_run_dir(profile: Profile | str | None = None) -> Path:
+    """Where this run's artifacts go: ``$FINER1_RUN_DIR`` (set by the tutorial runner) or the profile's folder."""
+    env = os.environ.get("FINER1_RUN_DIR")
+    path = Path(env) if env else get_profile(profile).run_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def profile_names() -> list[str]:
+    return list(PROFILES)
+
+
+def get_profile(name: str | Profile | None = None) -> Profile:
+    """The named profile, or ``$FINER1_PROFILE``, or ``cpu``."""
+    if isinstance(name, Profile):
+        return name
+    name = name or os.environ.get("FINER1_PROFILE") or "cpu"
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r} (from {'FINER1_PROFILE' if 'FINER1_PROFILE' in os.environ else 'argument'}); "
+                         f"choose one of {profile_names()}")
+    return PROFILES[name]

@@ -1,0 +1,95 @@
+"""Run the tutorial: execute notebooks/NN_*.ipynb in order in a profile and collect the results report.
+
+Each notebook writes its tables with :func:`add_result` into ``<run>/results/<section>.md``; the runner
+concatenates them into ``results.md`` (``figures/results.md`` for the full CPU profile).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .io import atomic_write_text
+from .profiles import Profile, current_run_dir, get_profile
+from .records import REPO_ROOT
+
+__all__ = ["NOTEBOOKS_DIR", "notebook_paths", "add_result", "run_tutorial", "collect_report", "markdown_table"]
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+
+def notebook_paths(only: list[str] | None = None) -> list[Path]:
+    paths = sorted(p for p in NOTEBOOKS_DIR.glob("[0-9][0-9]*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.name.startswith(o) for o in only)]
+        if not paths:
+            raise ValueError(f"no notebook in {NOTEBOOKS_DIR} starts with any of {only}")
+    return paths
+
+
+def add_result(section: str, markdown: str, run_dir: str | Path | None = None) -> Path:
+    """Record a results section (markdown) of this run; later calls with the same section replace it."""
+    path = Path(run_dir or current_run_dir()) / "results" / f"{section}.md"
+    return atomic_write_text(path, markdown.rstrip() + "\n")
+
+
+def collect_report(profile: Profile, run_dir: Path, timings: dict[str, float] | None = None) -> Path:
+    parts = [f"# Fine-R1 tutorial results (profile `{profile.name}`)\n",
+             "Produced by `python -m finer1_lib tutorial`. Micro-world numbers: compare shapes with the paper, "
+             "not values.\n"]
+    for p in sorted((run_dir / "results").glob("*.md")):
+        parts.append(p.read_text())
+    if timings:
+        parts.append("## Run time\n\n| notebook | seconds |\n|---|---|\n"
+                     + "".join(f"| {k} | {v:.0f} |\n" for k, v in timings.items()))
+    target = profile.figures_dir(run_dir) / "results.md"
+    return atomic_write_text(target, "\n".join(parts))
+
+
+def run_tutorial(profile: Profile | str | None = None, out: str | Path | None = None,
+                 only: list[str] | None = None, timeout: int = 3600) -> Path:
+    """Execute the notebooks in order; executed copies go to ``<out>/notebooks`` (and, for the full profile,
+    back into ``notebooks/`` so the repository shows the outputs of the last full run). Returns the report."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    profile = get_profile(profile)
+    run_dir = Path(out) if out else profile.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["FINER1_PROFILE"] = profile.name  # the kernels inherit these
+    os.environ["FINER1_RUN_DIR"] = str(run_dir.resolve())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    timings = {}
+    for path in notebook_paths(only):
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+        print(f"[tutorial] {path.name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            client.execute()
+        except CellExecutionError as err:
+            failed = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code" and any(
+                o.get("output_type") == "error" for o in c.get("outputs", []))), None)
+            raise RuntimeError(f"notebook {path.name} failed in cell {failed}: "
+                               f"{str(err).strip().splitlines()[-1]}") from None
+        finally:
+            text = nbformat.writes(nb)
+            atomic_write_text(run_dir / "notebooks" / path.name, text)
+        if profile.figures_in_repo:  # the full profile's outputs are the ones a reader sees in the repo
+            atomic_write_text(path, text)
+        timings[path.name] = time.perf_counter() - t0
+        print(f"[tutorial] {path.name} done in {timings[path.name]:.0f} s", flush=True)
+    return collect_report(profile, run_dir, timings)
+
+
+def markdown_table(frame, floatfmt: str = ".2f") -> str:
+    """A pandas frame as a GitHub markdown table (no extra dependency), index included."""
+    cols = [frame.index.name or ""] + [str(c) for c in frame.columns]
+    fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in frame.iterrows():
+        lines.append("| " + " | ".join([str(idx)] + [fmt(v) for v in row.tolist()]) + " |")
+    return "\n".join(lines)
