@@ -106,10 +106,12 @@ def _real_records(profile: Profile, seed: int) -> tuple[dict, dict[str, list[Ima
         shot_ids = {r.image_id for r in shots}
         by_label = group_by_label(r for r in recs if r.partition == "train")
         out["train"] += shots
-        out["rl"] += [r for lab in sorted(seen) for r in sorted(by_label.get(lab, []), key=lambda r: r.image_id)
-                      if r.image_id not in shot_ids][: profile.rl_per_class * len(seen)]
-        out["reference"] += [r for lab in sorted(by_label) for r in
-                             sorted(by_label[lab], key=lambda r: r.image_id)[: profile.reference_per_class]]
+        rl = [r for lab in sorted(seen) for r in [x for x in sorted(by_label.get(lab, []), key=lambda r: r.image_id)
+                                                   if x.image_id not in shot_ids][: profile.rl_per_class]]
+        used = shot_ids | {r.image_id for r in rl}  # reference images stay disjoint from training images
+        out["rl"] += rl
+        out["reference"] += [r for lab in sorted(by_label) for r in [x for x in sorted(
+            by_label[lab], key=lambda r: r.image_id) if x.image_id not in used][: profile.reference_per_class]]
         test = group_by_label(r for r in recs if r.partition == "test" and r.label in seen | set(split[sc]["unseen"]))
         out["test"] += [r for lab in sorted(test) for r in sorted(test[lab], key=lambda r: r.image_id)
                         [: profile.test_per_class]]

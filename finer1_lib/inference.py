@@ -18,7 +18,8 @@ from transformers import Qwen2_5_VLModel
 
 from .model import vision_token_ids
 
-__all__ = ["Generations", "build_messages", "build_inputs", "generate", "rescore", "token_kl_k3"]
+__all__ = ["Generations", "build_messages", "build_inputs", "generate", "rescore", "token_kl_k3", "image_embeddings",
+           "image_embedding_fn"]
 
 
 class Generations(NamedTuple):
@@ -256,3 +257,30 @@ def token_kl_k3(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimate of KL(p || q) per token: g - log g - 1 with g = q/p (paper Eq. 3); >= 0."""
     log_g = logp_q - logp_p
     return torch.exp(log_g) - log_g - 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Image embeddings (pluggable similarity for triplet negatives and closed-world distractors)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def image_embeddings(model, processor, images: Sequence[Image.Image], batch_size: int = 64):
+    """Mean-pooled vision-tower outputs (the tokens the LLM sees), L2-normalised; a numpy (n, d) array."""
+    import numpy as np
+
+    vl = _vl_model(model)
+    device = _device(model)
+    rows = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start : start + batch_size])
+        enc = processor.image_processor(images=chunk, return_tensors="pt")
+        feats = vl.get_image_features(enc["pixel_values"].to(device), enc["image_grid_thw"].to(device)).pooler_output
+        rows += [f.float().mean(0) for f in feats]
+    x = torch.stack(rows)
+    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float64)
+
+
+def image_embedding_fn(model, processor):
+    """An ``embed_fn`` for :func:`finer1_lib.protocol.build_similarity` from a model's vision tower."""
+    return lambda images: image_embeddings(model, processor, images)

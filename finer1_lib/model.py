@@ -319,6 +319,7 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if out_dir.exists():

@@ -90,6 +90,6 @@ def markdown_table(frame, floatfmt: str = ".2f") -> str:
     cols = [frame.index.name or ""] + [str(c) for c in frame.columns]
     fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in frame.iterrows():
-        lines.append("| " + " | ".join([str(idx)] + [fmt(v) for v in row.tolist()]) + " |")
+    for idx, row in zip(frame.index, frame.to_numpy(dtype=object).tolist()):  # iterrows would make ints floats
+        lines.append("| " + " | ".join([str(idx)] + [fmt(v) for v in row]) + " |")
     return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""What does the model know? Perception and field-guide probes of the micro world ("knows but cannot deploy").
+
+Paper §1: an MLLM perceives the attributes and has read about every species, yet fails to *deploy* that
+knowledge to name what it sees. Three probes make the claim measurable on the micro world, per seen/unseen:
+
+* perception: caption a held-out image, parse the five attribute values (genus-level pair and all five);
+* knowledge, name -> attributes: "Describe the <name>." -> all five values recalled;
+* knowledge, attributes -> name: "Which bird has <attributes>?" -> the exact name.
+
+Naming from images is measured by the closed/open-world evaluation (``evaluate.py``).
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import pandas as pd
+
+from .inference import generate
+from .rationale import CAPTION_PROMPTS, KNOWLEDGE_PROMPTS, REVERSE_PROMPTS, article
+from .records import SUPER_CATEGORY_WORD
+from .world import SCHEMAS, World, join_phrases
+
+__all__ = ["parse_attributes", "perception_probe", "knowledge_probe", "probe_summary"]
+
+
+def parse_attributes(super_category: str, text: str) -> dict[str, str | None]:
+    """The attribute values named in ``text`` (by their field-guide phrases); None where absent or ambiguous."""
+    out = {}
+    for d in SCHEMAS[super_category].dims:
+        found = [v for v in d.values if d.say(v) in text]
+        out[d.name] = found[0] if len(found) == 1 else None
+    return out
+
+
+def _score(super_category: str, truth: dict, text: str) -> dict:
+    got = parse_attributes(super_category, text)
+    schema = SCHEMAS[super_category]
+    ok = {d.name: got[d.name] == truth[d.name] for d in schema.dims}
+    return {"genus attrs": all(ok[d.name] for d in schema.genus_dims),
+            "species attrs": all(ok[d.name] for d in schema.species_dims),
+            "all 5 attrs": all(ok.values()), "per-attribute": sum(ok.values()) / len(ok)}
+
+
+def perception_probe(model, processor, bench, world: World, records: Sequence | None = None,
+                     max_new_tokens: int = 48, batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Caption held-out test images; one row per image with the parsed-attribute scores."""
+    records = list(bench.test if records is None else records)
+    seen = set(bench.seen_labels())
+    prompts = [CAPTION_PROMPTS[0].format(word=SUPER_CATEGORY_WORD[r.super_category]) for r in records]
+    texts = generate(model, processor, [bench.image(r) for r in records], prompts,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return pd.DataFrame([{"probe": "perception (image -> attributes)", "label": r.label,
+                          "super_category": r.super_category, "split": "seen" if r.label in seen else "unseen",
+                          "output": t, **_score(r.super_category, world.get(r.label).attributes, t)}
+                         for r, t in zip(records, texts)])
+
+
+def knowledge_probe(model, processor, bench, world: World, seed: int = 0, max_new_tokens: int = 48,
+                    batch_size: int = 32, progress: bool = True) -> pd.DataFrame:
+    """Text-only field-guide recall for every species, both directions; one row per (species, direction)."""
+    rng = random.Random(seed)
+    seen = set(bench.seen_labels())
+    species = [world.get(lab) for lab in sorted(seen | set(bench.unseen_labels()))]
+    fwd = [rng.choice(KNOWLEDGE_PROMPTS).format(name=s.name) for s in species]
+    rev = []
+    for s in species:
+        word = SUPER_CATEGORY_WORD[s.super_category]
+        features = join_phrases(rng.sample(s.phrases(), len(s.phrases())))
+        rev.append(rng.choice(REVERSE_PROMPTS).format(word=word, features=features,
+                                                      A_word=f"{article(word).capitalize()} {word}"))
+    texts = generate(model, processor, [None] * (2 * len(species)), fwd + rev, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, progress=progress)
+    rows = []
+    for s, t in zip(species, texts[: len(species)]):
+        rows.append({"probe": "knowledge (name -> attributes)", "label": s.name, "super_category": s.super_category,
+                     "split": "seen" if s.name in seen else "unseen", "output": t,
+                     **_score(s.super_category, s.attributes, t)})
+    for s, t in zip(species, texts[len(species):]):
+        named = [o.name for o in world.species_of(s.super_category) if o.name in t]
+        rows.append({"probe": "knowledge (attributes -> name)", "label": s.name, "super_category": s.super_category,
+                     "split": "seen" if s.name in seen else "unseen", "output": t,
+                     "all 5 attrs": named == [s.name], "per-attribute": float(named == [s.name])})
+    return pd.DataFrame(rows)
+
+
+def probe_summary(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Percent correct per probe and split: the "all 5 attrs" column (exact name for attributes -> name)."""
+    df = pd.concat(frames, ignore_index=True)
+    table = df.pivot_table(index="probe", columns="split", values="all 5 attrs", aggfunc="mean") * 100
+    if "genus attrs" in df:
+        g = df.dropna(subset=["genus attrs"]).pivot_table(index="probe", columns="split", values="genus attrs",
+                                                          aggfunc="mean") * 100
+        g.index = [i.replace("-> attributes", "-> genus attributes") for i in g.index]
+        table = pd.concat([table, g])
+    return table.round(1)
