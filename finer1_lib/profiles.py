@@ -64,9 +64,9 @@ class Profile:
 #   knowledge: name -> field guide and field guide -> name (text only, ALL species);
 #   naming: image -> species name, only from `naming_images` fixed images per species;
 #   reasoning: text-only structured reasoning over the field guide (Table 5 format).
-PRETRAIN_MIXTURE = dict(caption=0.30, attribute=0.10, super=0.04, knowledge=0.30, naming=0.08, reasoning=0.18)
+PRETRAIN_MIXTURE = dict(caption=0.38, attribute=0.17, super=0.03, knowledge=0.22, naming=0.07, reasoning=0.13)
 
-_CPU_PRETRAIN = dict(steps=5000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=200, weight_decay=0.01,
+_CPU_PRETRAIN = dict(steps=6000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=200, weight_decay=0.01,
                      mixture=PRETRAIN_MIXTURE, naming_images=2, checkpoint_every=250, seed=0,
                      max_tokens_per_chunk=2048)
 

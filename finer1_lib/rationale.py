@@ -59,6 +59,10 @@ _MATCH = (
     "Everything matches the {name}: {features}.",
     "The {name} has {features}, as observed.",
 )
+_MATCH_ONE = (
+    "The {name} has {features}, which matches.",
+    "The {name} has {features}, as observed.",
+)
 _MISMATCH = (
     "The {name} has {theirs} rather than {ours}.",
     "The {name} would show {theirs}, but this {word} has {ours}.",
@@ -118,7 +122,8 @@ def write_rationale(super_category: str, observed: dict[str, str], candidates: S
                 ours=join_phrases([d.say(observed[d.name]) for d in diff])))
         else:
             species_dims = [d for d in SCHEMAS[super_category].species_dims if d in dims] or dims
-            comparisons.append(rng.choice(_MATCH).format(
+            templates = _MATCH if len(species_dims) > 1 else _MATCH_ONE
+            comparisons.append(rng.choice(templates).format(
                 name=sp.name, features=join_phrases([d.say(sp.attributes[d.name]) for d in species_dims])))
     think = (f"<analysis>{analysis}</analysis><options>{', '.join(s.name for s in candidates)}</options>"
              f"<comparison>{' '.join(comparisons)}</comparison><prediction>{answer}</prediction>")
@@ -135,7 +140,7 @@ def corpus(world: World) -> list[str]:
              STEP_BY_STEP_SUFFIX, "I do not know. Yes No True False", "the genus belongs",
              "Is the species", "<think></think><answer></answer>"]
     texts += ["An A"] + [t for group in (CAPTION_PROMPTS, SUPER_PROMPTS, NAME_PROMPTS, KNOWLEDGE_PROMPTS, REVERSE_PROMPTS,
-                              _ANALYSIS, _MATCH, _MISMATCH) for t in group]
+                              _ANALYSIS, _MATCH, _MATCH_ONE, _MISMATCH) for t in group]
     for sc, schema in SCHEMAS.items():
         texts += question_templates(sc)
         word = SUPER_CATEGORY_WORD[sc]

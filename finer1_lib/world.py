@@ -44,7 +44,8 @@ class Dim:
     phrase: str  # e.g. "a {} crest"
 
     def say(self, value: str) -> str:
-        return self.phrase.format(value)
+        text = self.phrase.format(value)
+        return "an" + text[1:] if text.startswith("a ") and value[0] in "aeiou" else text  # "an orange breast"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _sentence_about(comparison: str, name: str) -> str:
 
 
 def _is_match_sentence(sentence: str, name: str) -> bool:
-    for template in rationale._MATCH:
+    for template in rationale._MATCH + rationale._MATCH_ONE:
         pattern = re.escape(template).replace(re.escape("{name}"), re.escape(name)).replace(
             re.escape("{features}"), ".+")
         if re.fullmatch(pattern, sentence):
