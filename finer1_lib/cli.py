@@ -45,6 +45,37 @@ def _pretrain(args) -> int:
     return 0
 
 
+@stage("concepts", "§4.2 (1): caption the few-shot images with the base model, pool and filter concepts")
+def _concepts(args) -> int:
+    from .concepts import concept_table
+    from .pipeline import run_concepts
+
+    results = run_concepts(args.profile, args.out or None, args.seed, force=True)
+    table = concept_table(results)
+    print(table.head(12).to_string())
+    print(f"{len(results)} images; concepts kept per image: {sum(len(r.kept) for r in results) / len(results):.2f}")
+    return 0
+
+
+@stage("cot", "§4.2 (2): teacher rationales with the paper's filters -> sharegpt CoT SFT set + statistics")
+def _cot(args) -> int:
+    from .pipeline import run_cot
+
+    folder, stats = run_cot(args.profile, args.out or None, args.seed, force=True)
+    print(json.dumps(stats, indent=1))
+    print(f"SFT sets written to {folder}")
+    return 0
+
+
+@stage("sft", "stage 1: CoT SFT (--data cot) or the direct-answer baseline (--data direct); resumes")
+def _sft(args) -> int:
+    from .pipeline import run_sft
+
+    summary = run_sft(args.profile, args.out or None, args.seed, data=args.data)
+    print(json.dumps({k: v for k, v in summary.items() if k != "cfg"}, indent=1))
+    return 0
+
+
 @stage("tutorial", "run the notebooks in order, writing executed copies, figures/ and a results report")
 def _tutorial(args) -> int:
     from .tutorial import run_tutorial
@@ -78,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain":
             p.add_argument("--steps", type=int, default=None, help="override the profile's step count")
             p.add_argument("--ship", action="store_true", help="copy the result to data/base_model (the shipped model)")
+        if name == "sft":
+            p.add_argument("--data", choices=["cot", "direct"], default="cot", help="CoT SFT or direct-answer SFT")
         if name == "bench":
             p.add_argument("what", choices=["generate"], help="what to benchmark")
         if name == "tutorial":

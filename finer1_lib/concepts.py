@@ -45,7 +45,7 @@ from .world import SCHEMAS
 
 __all__ = ["ConceptResult", "micro_vocabulary", "concept_prompts", "extract_concepts", "split_phrases",
            "pool_concepts", "choose_images", "extract_concepts_for", "filter_concepts", "concepts_by_image",
-           "concept_table", "save_concepts", "load_concepts", "REASONS"]
+           "concept_table", "concept_quality", "beta_sweep", "save_concepts", "load_concepts", "REASONS"]
 
 #: Why a concept was dropped by :func:`filter_concepts`.
 REASONS = ("unsupported", "not_discriminative")
@@ -306,6 +306,31 @@ def concept_table(results: Sequence[ConceptResult]) -> pd.DataFrame:
                      "kept concepts": ", ".join(r.kept) if r.kept else ("(no concept found)" if not r.counts
                                                                        else "(all dropped)")})
     return pd.DataFrame(rows)
+
+
+def concept_quality(results: Sequence[ConceptResult], true_phrases: Callable[[str], Sequence[str]]) -> pd.DataFrame:
+    """Micro world only (the truth is known): per image, how many concepts were found / kept and how many of
+    them are true attributes of the label (``true_phrases(label)``), before and after the filter."""
+    rows = []
+    for r in results:
+        truth = {t.lower() for t in true_phrases(r.label)}
+        found, kept = list(r.counts), list(r.kept)
+        rows.append({"image_id": r.image_id, "super_category": r.super_category, "found": len(found),
+                     "found true": sum(c.lower() in truth for c in found), "kept": len(kept),
+                     "kept true": sum(c.lower() in truth for c in kept)})
+    return pd.DataFrame(rows)
+
+
+def beta_sweep(results: Sequence[ConceptResult], similarity, betas: Sequence[float],
+               true_phrases: Callable[[str], Sequence[str]], **filter_kwargs) -> pd.DataFrame:
+    """The bottleneck trade-off: mean kept concepts per image and their precision for each ``beta``."""
+    rows = []
+    for beta in betas:
+        q = concept_quality(filter_concepts(results, similarity, beta=beta, **filter_kwargs), true_phrases)
+        rows.append({"beta": beta, "kept per image": q["kept"].mean(),
+                     "precision of kept": q["kept true"].sum() / max(1, q["kept"].sum()),
+                     "images with no concept": int((q["kept"] == 0).sum())})
+    return pd.DataFrame(rows).set_index("beta")
 
 
 # ------------------------------------------------------------------------------------------------- files

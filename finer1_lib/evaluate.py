@@ -17,7 +17,8 @@ from .metrics import (SemanticSimilarity, closed_world_correct, format_reward, o
                       text_inclusion_for)
 from .prompts import closed_world_prompt, open_world_prompt, step_by_step
 
-__all__ = ["MODES", "eval_prompt", "run_eval", "add_semantic_similarity", "summarize", "SUPER_ORDER"]
+__all__ = ["MODES", "eval_prompt", "run_eval", "add_semantic_similarity", "summarize", "SUPER_ORDER", "evaluate_model",
+           "compare"]
 
 MODES = ("closed", "open")
 SUPER_ORDER = ("aircraft", "bird", "car", "dog", "flower", "pet")  # the paper's column order
@@ -87,3 +88,27 @@ def summarize(df: pd.DataFrame, per_super: bool = False) -> pd.DataFrame:
                         row[sc] = 100 * part[col].astype(float).mean()
             metrics.append(row)
     return pd.DataFrame(metrics).set_index(["metric", "split"]).round(2)
+
+
+def evaluate_model(model, processor, bench, profile, ss: SemanticSimilarity | None = None, rows=None,
+                   think_step_by_step: bool = False, progress: bool = False) -> pd.DataFrame:
+    """run_eval with the profile's generation settings, plus SS (MiniLM unless ``ss`` is given)."""
+    from .metrics import minilm_encoder
+
+    df = run_eval(model, processor, bench, rows, think_step_by_step=think_step_by_step,
+                  max_new_tokens=profile.eval["max_new_tokens"], batch_size=profile.eval["batch_size"],
+                  progress=progress)
+    return add_semantic_similarity(df, ss or SemanticSimilarity(minilm_encoder()))
+
+
+def compare(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per model: closed-world accuracy, open-world TI and SS on seen / unseen (Fig. 3a, Tables 1-2)."""
+    table = {}
+    for name, df in results.items():
+        s = summarize(df)["all"]
+        table[name] = {(metric, split): s.get((metric, split), np.nan)
+                       for metric in ("closed-world acc", "open-world TI", "open-world SS")
+                       for split in ("seen", "unseen")}
+    out = pd.DataFrame(table).T
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    return out.round(1)

@@ -31,7 +31,7 @@ class Profile:
     # --- protocol (paper §5: 60/40 seen/unseen split, 4-shot training images per seen class)
     seen_frac: float = 0.6
     shots: int = 4
-    test_per_class: int = 10         # held-out test images per class (seen and unseen)
+    test_per_class: int = 5          # held-out test images per class (seen and unseen)
     rl_per_class: int = 8            # extra training-pool images per seen class for TAPO positives
     reference_per_class: int = 4     # images per class used only to measure visual similarity
     super_categories: tuple[str, ...] = ("aircraft", "bird", "car", "dog", "flower", "pet")
@@ -42,6 +42,9 @@ class Profile:
     dtype: str = "float32"
     # --- stages: plain dicts of hyper-parameters, one per stage
     pretrain: dict = field(default_factory=dict)
+    concepts: dict = field(default_factory=dict)   # §4.2 (1)
+    cot: dict = field(default_factory=dict)        # §4.2 (2)
+    sft: dict = field(default_factory=dict)        # §4.2 stage 1 (see sft.SFT_DEFAULTS)
     eval: dict = field(default_factory=dict)
     # --- output
     figures_in_repo: bool = True     # False: figures go to the run folder (CI must not touch figures/)
@@ -70,19 +73,37 @@ _CPU_PRETRAIN = dict(steps=6000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=200
                      mixture=PRETRAIN_MIXTURE, naming_images=2, checkpoint_every=250, seed=0,
                      max_tokens_per_chunk=2048)
 
+# Concept extraction and CoT construction. per_class: few-shot images per seen class that get a rationale
+# (the paper: about one per class; the tiny model gets all four shots, a stated deviation: it needs more data).
+_CPU_CONCEPTS = dict(per_class=4, samples_per_prompt=2, temperature=1.0, max_new_tokens=40, beta=0.1,
+                     min_support=0.3, neighbours=3)
+_CPU_COT = dict(teacher="knowledge-base", max_retries=5, p_wrong=0.2, p_drop_gt=0.1, p_extra_candidates=0.1)
+_CPU_SFT = dict(epochs=15, batch_size=8, grad_accum=1, lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                lr_scheduler="cosine", bf16=False, save_every_epochs=5, seed=0, replay=0.0)
+# The official settings (official-implementation.md): full FT, bs 4 x accum 4, lr 5e-6 cosine, wd 0.1, 10 epochs.
+_PAPER_SFT = dict(epochs=10, batch_size=4, grad_accum=4, lr=5e-6, warmup_frac=0.03, weight_decay=0.1,
+                  lr_scheduler="cosine", bf16=True, save_every_epochs=1, seed=0, replay=0.0)
+_REAL_CONCEPTS = dict(per_class=1, samples_per_prompt=2, temperature=1.0, max_new_tokens=128, beta=0.1,
+                      min_support=0.3, neighbours=3)
+_REAL_COT = dict(teacher="Qwen/Qwen2.5-VL-32B-Instruct", max_retries=5)
+
 PROFILES: dict[str, Profile] = {
-    "cpu": Profile(name="cpu", pretrain=_CPU_PRETRAIN,
+    "cpu": Profile(name="cpu", pretrain=_CPU_PRETRAIN, concepts=_CPU_CONCEPTS, cot=_CPU_COT, sft=_CPU_SFT,
                    eval=dict(max_new_tokens=160, batch_size=32)),
     "smoke": Profile(name="smoke", test_per_class=2, rl_per_class=2, reference_per_class=2,
                      figures_in_repo=False,
                      pretrain=dict(_CPU_PRETRAIN, steps=20, batch_size=4, warmup=5, checkpoint_every=10),
+                     concepts=dict(_CPU_CONCEPTS, per_class=1, samples_per_prompt=1), cot=_CPU_COT,
+                     sft=dict(_CPU_SFT, epochs=3),
                      eval=dict(max_new_tokens=160, batch_size=32)),
     "qwen2.5-vl-3b": Profile(name="qwen2.5-vl-3b", world="real", model="Qwen/Qwen2.5-VL-3B-Instruct",
                              image_size=448, data_root=str(DATA_DIR / "datasets"), dtype="bfloat16",
-                             test_per_class=10**9, eval=dict(max_new_tokens=1024, batch_size=16)),
+                             test_per_class=10**9, concepts=_REAL_CONCEPTS, cot=_REAL_COT, sft=_PAPER_SFT,
+                             eval=dict(max_new_tokens=1024, batch_size=16)),
     "qwen2.5-vl-7b": Profile(name="qwen2.5-vl-7b", world="real", model="Qwen/Qwen2.5-VL-7B-Instruct",
                              image_size=448, data_root=str(DATA_DIR / "datasets"), dtype="bfloat16",
-                             test_per_class=10**9, eval=dict(max_new_tokens=1024, batch_size=8)),
+                             test_per_class=10**9, concepts=_REAL_CONCEPTS, cot=_REAL_COT, sft=_PAPER_SFT,
+                             eval=dict(max_new_tokens=1024, batch_size=8)),
 }
 
 

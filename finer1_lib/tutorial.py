@@ -88,8 +88,11 @@ def run_tutorial(profile: Profile | str | None = None, out: str | Path | None = 
 def markdown_table(frame, floatfmt: str = ".2f") -> str:
     """A pandas frame as a GitHub markdown table (no extra dependency), index included."""
     cols = [frame.index.name or ""] + [str(c) for c in frame.columns]
-    fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
+    def fmt(v) -> str:
+        text = format(v, floatfmt) if isinstance(v, float) else str(v)
+        return " ".join(text.split())  # a cell is one line
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for idx, row in zip(frame.index, frame.to_numpy(dtype=object).tolist()):  # iterrows would make ints floats
-        lines.append("| " + " | ".join([str(idx)] + [fmt(v) for v in row]) + " |")
+        lines.append("| " + " | ".join([fmt(idx)] + [fmt(v) for v in row]) + " |")
     return "\n".join(lines)
