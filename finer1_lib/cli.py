@@ -39,9 +39,12 @@ def _pretrain(args) -> int:
     final = pretrain(args.profile, args.out or None, steps=args.steps)
     print(f"model written to {final}")
     if args.ship:
+        from .pipeline import shipping_metrics
         from .pretrain import ship_model
 
-        print(f"shipped to {ship_model(final.parent)}")
+        metrics = shipping_metrics(final)
+        print(json.dumps(metrics, indent=1))
+        print(f"shipped to {ship_model(final.parent, metrics=metrics)}")
     return 0
 
 
@@ -85,11 +88,13 @@ def _tutorial(args) -> int:
     return 0
 
 
-@stage("bench", "benchmarks: `bench generate` prints rollout tokens/s and peak memory of the profile's model")
+@stage("bench", "benchmarks: `bench generate` (rollout tokens/s, peak memory), `bench tapo` (TAPO/DAPO step time)")
 def _bench(args) -> int:
     from .bench import bench_generate
+    from .tapo import bench_tapo
 
-    result = {"generate": bench_generate}[args.what](args.profile, args.out or None, seed=args.seed)
+    result = {"generate": bench_generate, "tapo": bench_tapo}[args.what](args.profile, args.out or None,
+                                                                          seed=args.seed)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -112,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sft":
             p.add_argument("--data", choices=["cot", "direct"], default="cot", help="CoT SFT or direct-answer SFT")
         if name == "bench":
-            p.add_argument("what", choices=["generate"], help="what to benchmark")
+            p.add_argument("what", choices=["generate", "tapo"], help="what to benchmark")
         if name == "tutorial":
             p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 00 01")
     return parser

@@ -21,7 +21,7 @@ from .rationale import CAPTION_PROMPTS, KNOWLEDGE_PROMPTS, REVERSE_PROMPTS, arti
 from .records import SUPER_CATEGORY_WORD
 from .world import SCHEMAS, World, join_phrases
 
-__all__ = ["parse_attributes", "perception_probe", "knowledge_probe", "probe_summary"]
+__all__ = ["parse_attributes", "perception_probe", "knowledge_probe", "probe_summary", "base_model_metrics"]
 
 
 def parse_attributes(super_category: str, text: str) -> dict[str, str | None]:
@@ -94,3 +94,17 @@ def probe_summary(*frames: pd.DataFrame) -> pd.DataFrame:
         g.index = [i.replace("-> attributes", "-> genus attributes") for i in g.index]
         table = pd.concat([table, g])
     return table.round(1)
+
+
+def base_model_metrics(model, processor, bench, world: World, profile, progress: bool = False) -> dict:
+    """The base model's shape as plain numbers (%, seen/unseen): perception, knowledge, zero-shot naming.
+
+    Stored in the shipped model's manifest; a test recomputes them to check the checkpoint."""
+    from .evaluate import evaluate_model, summarize
+
+    probes = probe_summary(perception_probe(model, processor, bench, world, progress=progress),
+                           knowledge_probe(model, processor, bench, world, progress=progress))
+    naming = summarize(evaluate_model(model, processor, bench, profile, progress=progress))["all"]
+    out = {f"{probe} [{split}]": round(float(v), 2) for probe, row in probes.iterrows() for split, v in row.items()}
+    out.update({f"{metric} [{split}]": round(float(v), 2) for (metric, split), v in naming.items()})
+    return out

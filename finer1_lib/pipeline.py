@@ -146,3 +146,23 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     summary = train_sft(model, processor, examples, folder, cfg, progress=progress, max_steps=max_steps)
     summary["model"] = str(folder / "model")
     return summary
+
+
+def shipping_metrics(model_dir, out=None, progress: bool = False) -> dict:
+    """The base model's shape on the smoke and cpu benchmarks (seed 0), for the shipped manifest."""
+    from .benchmark import build_benchmark
+    from .knowledge import base_model_metrics
+    from .model import load_model
+    from .profiles import PROFILES
+    from .world import World
+
+    model, processor = load_model(model_dir)
+    metrics = {}
+    for name in ("smoke", "cpu"):
+        profile = PROFILES[name]
+        folder = Path(out or PROFILES[name].run_dir()) / "benchmark-seed0"
+        bench = build_benchmark(profile, folder, seed=0, progress=False)
+        metrics[f"{name} benchmark, seed 0"] = base_model_metrics(
+            model, processor, bench, World(profile.world_seed, profile.image_size, profile.n_genera), profile,
+            progress=progress)
+    return metrics

@@ -243,6 +243,7 @@ def ship_model(out: str | Path, dest: str | Path | None = None, metrics: dict | 
         manifest = json.loads((out / "manifest.json").read_text())
         if metrics:
             manifest["metrics"] = metrics
+        manifest["command"] = f"python -m finer1_lib pretrain --profile {manifest['profile']} --ship"
         write_json(tmp / "manifest.json", manifest)
         os.chmod(tmp, 0o755)
         old = dest.with_name(f".{dest.name}.old")

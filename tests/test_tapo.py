@@ -1,0 +1,452 @@
+"""TAPO (§4.3, Eq. 1-4): the loss on hand-made numbers, DAPO as a special case, clipping, the negative-image
+entropy switch, dynamic sampling, degenerate groups, and a tiny end-to-end run with resume."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import csv
+import math
+
+import pytest
+import torch
+
+import finer1_lib.tapo as tapo
+from finer1_lib.benchmark import build_benchmark
+from finer1_lib.inference import Generations, rescore, token_kl_k3
+from finer1_lib.model import build_processor, build_tiny_model, build_tokenizer, load_model
+from finer1_lib.profiles import PROFILES
+from finer1_lib.rationale import corpus
+from finer1_lib.tapo import (LOG_COLUMNS, TapoConfig, TapoTrainer, group_advantages, k3_kl_clamped, keep_group,
+                             tapo_loss)
+from finer1_lib.world import World
+
+torch.set_num_threads(1)
+
+# ------------------------------------------------------------------------------------ the loss, by hand
+
+# 2 responses x 3 tokens. Response 0 has A = +1.5, response 1 has A = -0.7.
+LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.8]]
+OLD = [[-1.1, -0.5, -2.5], [-0.2, -1.0, -2.3]]
+NEG = [[-1.5, -0.4, -2.2], [-0.9, -1.0, -1.6]]
+ADV = [1.5, -0.7]
+# ratios r = exp(logp - old): [1.10517, 1, 1.64872 (> 1 + 0.28: clipped)], [0.90484, 0.81873, 4.48169 (> 3: dual clip)]
+
+
+def _hand_loss(cfg, with_neg=True):
+    """Eq. 4 written out token by token with plain floats (surrogate form, not the library's loss form)."""
+    pg, kl, ent, ent_neg = [], [], [], []
+    for i in range(2):
+        for t in range(3):
+            a = ADV[i]
+            r = math.exp(LOGP[i][t] - OLD[i][t])
+            r_clip = min(max(r, 1 - cfg.eps_low), 1 + cfg.eps_high)
+            surrogate = min(r * a, r_clip * a)
+            if a < 0:
+                surrogate = max(surrogate, cfg.dual_clip * a)  # dual clip: never below dual_clip * A
+            pg.append(-surrogate)
+            log_g = NEG[i][t] - LOGP[i][t]
+            kl.append(math.exp(log_g) - log_g - 1)
+            ent.append(-LOGP[i][t])
+            ent_neg.append(-NEG[i][t])
+    n = 6
+    loss = sum(pg) / n + cfg.eta1 * sum(ent) / n
+    if with_neg:
+        loss += -cfg.gamma * sum(kl) / n + cfg.eta2 * sum(ent_neg) / n
+    return loss, sum(pg) / n, sum(kl) / n
+
+
+def _tensors(requires_grad=False):
+    logp = torch.tensor(LOGP, requires_grad=requires_grad)
+    neg = torch.tensor(NEG, requires_grad=requires_grad)
+    return logp, torch.tensor(OLD), torch.tensor(ADV), torch.ones(2, 3, dtype=torch.bool), neg
+
+
+def test_loss_equals_the_hand_computed_value():
+    cfg = TapoConfig()  # gamma 0.01, eta1 = eta2 = 0.03, eps 0.2 / 0.28, dual clip 3
+    expected, pg, kl = _hand_loss(cfg)
+    # per-token surrogate losses: -1.65776, -1.5, -1.92 | 0.63339, 0.57311, 2.1 -> mean -0.29521
+    assert pg == pytest.approx(-0.2952098, abs=1e-6) and kl == pytest.approx(0.0916626, abs=1e-6)
+    assert expected == pytest.approx(-0.2291264, abs=1e-6)
+    loss, stats = tapo_loss(*_tensors(), cfg)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["kl"] == pytest.approx(kl, abs=1e-6) and stats["pg_loss"] == pytest.approx(pg, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(1 / 6) and stats["dual_clip_frac"] == pytest.approx(1 / 6)
+    assert stats["entropy"] == pytest.approx(5.8 / 6) and stats["entropy_neg"] == pytest.approx(7.6 / 6)
+    assert stats["tokens"] == 6
+
+
+def test_padding_is_ignored_even_when_it_holds_garbage():
+    cfg = TapoConfig()
+    logp, old, adv, _, neg = _tensors()
+    pad = torch.tensor([[float("nan")], [float("-inf")]])
+    logp_p = torch.cat([logp, pad], 1).requires_grad_()
+    neg_p = torch.cat([neg, pad], 1).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    loss, _ = tapo_loss(logp_p, torch.cat([old, -pad], 1), adv, mask, neg_p, cfg)
+    assert loss.item() == pytest.approx(_hand_loss(cfg)[0], abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(logp_p.grad).all() and (logp_p.grad[:, 3] == 0).all()
+
+
+def _dapo_reference(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, dual=3.0):
+    """DAPO (Yu et al. 2025) token-level clipped objective, written separately: -sum_tokens surrogate / |o|."""
+    total, count = 0.0, 0
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            r = math.exp(float(logp[i, t] - old[i, t]))
+            a = float(adv[i])
+            s = min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+            total += -(max(s, dual * a) if a < 0 else s)
+            count += 1
+    return total / count
+
+
+def test_without_gamma_eta_and_n2_it_is_exactly_dapo():
+    cfg = TapoConfig.variant("dapo")
+    assert (cfg.n1, cfg.n2, cfg.gamma, cfg.eta1, cfg.eta2) == (10, 0, 0.0, 0.0, 0.0) and not cfg.uses_negative
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 7, generator=g) * 3
+    old = logp + torch.randn(4, 7, generator=g) * 0.5
+    adv = torch.tensor([1.2, -0.4, 0.0, -2.0])
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[3, 2:] = False
+    expected = _dapo_reference(logp, old, adv, mask)
+    for neg in (None, logp - 1.0):  # a negative image changes nothing when gamma = eta2 = 0
+        loss, _ = tapo_loss(logp, old, adv, mask, neg, cfg)
+        assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_clip_higher_stops_the_gradient_of_positive_advantage_tokens():
+    cfg = TapoConfig.variant("dapo")
+    logp = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-0.5, -0.1]])  # ratios 1.649 (> 1.28: clipped) and 1.105 (inside)
+    loss, stats = tapo_loss(logp, old, torch.tensor([2.0]), torch.ones(1, 2, dtype=torch.bool), None, cfg)
+    loss.backward()
+    assert logp.grad[0, 0] == 0.0 and logp.grad[0, 1] != 0.0
+    assert loss.item() == pytest.approx(-(2.0 * 1.28 + 2.0 * math.exp(0.1)) / 2, abs=1e-6)
+    assert stats["clip_frac"] == 0.5
+
+
+def test_dual_clip_bounds_negative_advantage_tokens():
+    cfg = TapoConfig.variant("dapo")
+    a = -0.5
+    for log_r in (0.5, 1.5, 5.0, 30.0):  # ratio 1.65, 4.5, 148, e^30 (clamped to e^20)
+        logp = torch.tensor([[log_r]], requires_grad=True)
+        loss, stats = tapo_loss(logp, torch.zeros(1, 1), torch.tensor([a]), torch.ones(1, 1, dtype=torch.bool),
+                                None, cfg)
+        loss.backward()
+        assert loss.item() <= cfg.dual_clip * abs(a) + 1e-6
+        if math.exp(log_r) > cfg.dual_clip:
+            assert loss.item() == pytest.approx(cfg.dual_clip * abs(a)) and logp.grad.item() == 0.0
+            assert stats["dual_clip_frac"] == 1.0
+        else:
+            assert loss.item() == pytest.approx(-a * math.exp(log_r), rel=1e-6) and logp.grad.item() != 0.0
+
+
+@pytest.mark.parametrize("neg_grad", [True, False])
+def test_negative_entropy_switch(neg_grad):
+    cfg = TapoConfig(gamma=0.0, entropy_neg_grad=neg_grad)
+    logp, old, adv, mask, neg = _tensors(requires_grad=True)
+    loss, stats = tapo_loss(logp, old, adv, mask, neg, cfg)
+    loss.backward()
+    if neg_grad:  # paper: eta2 * mean(-logp_neg) has d/d logp_neg = -eta2 / |o|
+        assert torch.allclose(neg.grad, torch.full((2, 3), -cfg.eta2 / 6))
+    else:  # official code: logp_neg carries no gradient, the term is a no-op for learning
+        assert neg.grad is None or (neg.grad == 0).all()
+    assert stats["entropy_neg"] == pytest.approx(7.6 / 6)  # its value is the same either way
+
+
+def test_kl_clamps_and_is_zero_for_equal_inputs():
+    x = torch.tensor([-1.0, -3.0, -0.1])
+    assert (k3_kl_clamped(x, x) == 0).all()
+    # log g = +50 and -50 are clamped to +-20; k3 (e^20 - 21 and e^-20 + 19) is then clamped to 10
+    assert k3_kl_clamped(torch.tensor([-50.0, 0.0]), torch.tensor([0.0, -50.0])).tolist() == [10.0, 10.0]
+    small = k3_kl_clamped(torch.tensor([0.0]), torch.tensor([-1.0]))  # e^-1 + 1 - 1
+    assert small.item() == pytest.approx(math.exp(-1), abs=1e-6)
+
+
+def test_group_advantages_and_the_dapo_filter():
+    # rewards 1, 0, 0, 0: mean 0.25, sample std 0.5 -> 1.5, -0.5, -0.5, -0.5 (official torch.std, Bessel)
+    assert group_advantages([1.0, 0.0, 0.0, 0.0]) == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+    assert group_advantages([0.1, 0.1, 0.1]) == pytest.approx([0.0, 0.0, 0.0], abs=1e-9)  # all equal: ~0, not NaN
+    assert not keep_group([1, 1, 1, 1]) and not keep_group([0, 0, 0]) and keep_group([0, 1, 0])
+
+
+def test_config_variants_and_ratios():
+    assert TapoConfig.variant("intra").n2 == 5 and TapoConfig.variant("intra").gamma == 0
+    inter = TapoConfig.variant("inter")
+    assert (inter.n1, inter.n2, inter.gamma, inter.eta1) == (10, 0, 0.01, 0.03)
+    tapo_cfg = TapoConfig.variant("tapo", lr=1e-6)
+    assert (tapo_cfg.n1, tapo_cfg.n2, tapo_cfg.lr, tapo_cfg.positive_update_image) == (5, 5, 1e-6, "anchor")
+    for n1, n2 in [(10, 0), (8, 2), (5, 5), (2, 8), (0, 10)]:
+        assert TapoConfig.variant("tapo", n1=n1, n2=n2).n1 + n2 == 10
+    with pytest.raises(ValueError, match="unknown TAPO variant"):
+        TapoConfig.variant("grpo")
+    with pytest.raises(ValueError, match="n1 \\+ n2 >= 2"):
+        TapoConfig(n1=1, n2=0)
+    with pytest.raises(ValueError, match="'anchor' \\(paper\\) or 'positive'"):
+        TapoConfig(positive_update_image="negative")
+
+
+# ------------------------------------------------------------------------------------ tiny model + benchmark
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    profile = PROFILES["smoke"].replace(super_categories=("bird",), test_per_class=1, rl_per_class=1,
+                                        reference_per_class=2)
+    bench = build_benchmark(profile, tmp_path_factory.mktemp("bench"), 0, progress=False)
+    tokenizer = build_tokenizer(corpus(World(0)))
+    return bench, build_processor(tokenizer), tokenizer
+
+
+def _model(tokenizer):
+    return build_tiny_model(tokenizer, "tiny-3m", seed=0)
+
+
+def scripted_generate(bench, plan):
+    """A stand-in for generate(): ``plan(call, row)`` says "right", "wrong" or "empty" for each row; the text
+    names the image's true class when right. Token ids are real, log-probs are the model's own (rescored)."""
+    labels = {bench.image(r).tobytes(): r.label for t in bench.triplets for r in (t.anchor, t.positive, t.negative)}
+    calls = []
+
+    def fake(model, processor, images, prompts, *, system=None, seed=None, return_scores=False, **kw):
+        call = len(calls)
+        calls.append(seed)
+        texts = []
+        for i, img in enumerate(images):
+            kind = plan(call, i)
+            answer = labels[img.tobytes()] if kind == "right" else "Yes"
+            texts.append("" if kind == "empty" else f"<think>The crest is red.</think><answer>{answer}</answer>")
+        eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        ids = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] if t else [] for t in texts]
+        keep = [i for i, x in enumerate(ids) if x]
+        scored = rescore(model, processor, [images[i] for i in keep], [prompts[i] for i in keep],
+                         [ids[i] for i in keep], system=system) if keep else []
+        logps = [torch.zeros(0)] * len(ids)
+        for i, s in zip(keep, scored):
+            logps[i] = s.cpu()
+        return Generations(texts, ids, logps)
+
+    fake.calls = calls
+    return fake
+
+
+def mixed(call, row, group_size=4):
+    """One right answer per group, the rest wrong: every group is kept."""
+    return "right" if row % group_size == 0 else "wrong"
+
+
+def test_dynamic_sampling_drops_uniform_groups_and_refills(setup, monkeypatch):
+    bench, processor, tokenizer = setup
+    # call 0 (2 groups): group 0 all right (dropped), group 1 mixed (kept)
+    # call 1 (1 group): all wrong (dropped); call 2 (1 group): mixed (kept) -> 2 retries, 2 of 4 kept
+    script = {0: lambda r: "right" if r < 4 else mixed(0, r), 1: lambda r: "wrong", 2: lambda r: mixed(2, r)}
+    fake = scripted_generate(bench, lambda call, row: script[call](row))
+    monkeypatch.setattr(tapo, "generate", fake)
+    cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, max_retries=5, seed=3)
+    trainer = TapoTrainer(_model(tokenizer), processor, bench, cfg)
+    groups, info = trainer.rollout(step=0)
+    assert len(fake.calls) == 3 and len(set(fake.calls)) == 3  # a fresh seed every round
+    assert (info["retries"], info["kept_groups"], info["generated_groups"], info["kept_ratio"]) == (2, 2, 4, 0.5)
+    assert [g.cursor for g in groups] == [1, 3] and trainer.cursor == 4  # refills take the next triplets
+    for g in groups:
+        assert [r.source for r in g.rollouts] == ["anchor", "anchor", "positive", "positive"]
+        assert [r.accuracy for r in g.rollouts] == [1.0, 0.0, 0.0, 0.0]
+        assert [r.advantage for r in g.rollouts] == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5)
+    assert info["accuracy"] == pytest.approx((4 + 1 + 0 + 1) / 16)
+
+
+def test_degenerate_groups_and_empty_answers_give_no_nan(setup, monkeypatch):
+    bench, processor, tokenizer = setup
+    model = _model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # never a mixed group: every step is skipped after max_retries, no crash, no update
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, lambda call, row: "wrong"))
+    cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, max_retries=2, steps=1)
+    with pytest.warns(UserWarning, match="update skipped"):
+        row = TapoTrainer(model, processor, bench, cfg).step(0)
+    assert row["skipped"] == 1 and row["retries"] == 2 and row["kept_ratio"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # one right answer, the other responses empty (zero tokens): kept, the empty ones are masked
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, lambda c, r: "right" if r % 4 == 0 else "empty"))
+    row = TapoTrainer(model, processor, bench, cfg).step(0)
+    assert row["skipped"] == 0 and row["kept_groups"] == 2
+    for k in ("loss", "kl", "entropy", "entropy_neg", "clip_frac", "grad_norm"):
+        assert math.isfinite(row[k]), k
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    # an all-empty minibatch: nothing to learn, no NaN
+    loss, stats = tapo_loss(torch.zeros(2, 1, requires_grad=True), torch.zeros(2, 1), torch.tensor([0.5, -0.5]),
+                            torch.zeros(2, 1, dtype=torch.bool), torch.zeros(2, 1), TapoConfig())
+    assert loss.item() == 0.0 and stats["tokens"] == 0 and all(math.isfinite(v) for v in stats.values())
+
+
+def test_kl_of_an_image_with_itself_is_zero(setup):
+    bench, processor, tokenizer = setup
+    model = _model(tokenizer)
+    t = bench.triplets[0]
+    image, prompt = bench.image(t.anchor), tapo.tapo_prompt("What is the name of this bird?")
+    ids = processor.tokenizer("<think>red crest</think><answer>Yes</answer>", add_special_tokens=False)["input_ids"]
+    a = rescore(model, processor, [image], [prompt], [ids])[0]
+    b = rescore(model, processor, [image], [prompt], [ids])[0]
+    assert torch.equal(token_kl_k3(a, b), torch.zeros_like(a)) and torch.equal(k3_kl_clamped(a, b), torch.zeros_like(a))
+    neg = rescore(model, processor, [bench.image(t.negative)], [prompt], [ids])[0]
+    assert (k3_kl_clamped(a, neg) >= 0).all() and k3_kl_clamped(a, neg).sum() > 0  # another image: > 0
+
+
+@pytest.mark.parametrize("mode", ["anchor", "positive"])
+def test_update_image_of_positive_rollouts(setup, monkeypatch, mode):
+    bench, processor, tokenizer = setup
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, mixed))
+    seen, losses = [], []
+    real_rescore, real_loss = tapo.rescore, tapo.tapo_loss
+
+    def spy(model, processor, images, prompts, ids, **kw):
+        seen.append((kw.get("grad", False), [im.tobytes() for im in images]))
+        return real_rescore(model, processor, images, prompts, ids, **kw)
+
+    def loss_spy(logp, old, *args, **kw):
+        losses.append((logp.detach().clone(), old.clone()))
+        return real_loss(logp, old, *args, **kw)
+
+    monkeypatch.setattr(tapo, "rescore", spy)
+    monkeypatch.setattr(tapo, "tapo_loss", loss_spy)
+    model = _model(tokenizer)
+    cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, updates_per_batch=2, micro_batch_size=None,
+                     positive_update_image=mode)
+    trainer = TapoTrainer(model, processor, bench, cfg)
+    groups, _ = trainer.rollout(0)
+    trainer._old_logprobs(groups)
+
+    def under_anchor(g, r):
+        return real_rescore(model, processor, [g.images["anchor"]], [g.prompt], [r.token_ids])[0]
+
+    for gi, g in enumerate(groups):
+        for r in g.rollouts:
+            if r.source == "anchor" or mode == "positive":
+                assert r.old_logp is r.gen_logp  # the rollout's own log-probs: sampled under x*
+            elif gi == 0:
+                assert r.old_logp is None  # first minibatch: taken from the update's own forward
+            else:  # paper: old log-probs of positive rollouts rescored under the anchor, without grad
+                assert torch.allclose(r.old_logp, under_anchor(g, r), atol=1e-6)
+                assert not torch.allclose(r.old_logp, r.gen_logp)
+    if mode == "anchor":  # expected old log-probs of group 0, before any update
+        want = [under_anchor(groups[0], r) for r in groups[0].rollouts[2:]]
+    seen.clear()
+    trainer._update(groups)
+    if mode == "anchor":
+        logp, old = losses[0]  # first minibatch = group 0; rows 2, 3 are its positive rollouts
+        for row, w in zip((2, 3), want):
+            assert torch.equal(old[row, : len(w)], logp[row, : len(w)])  # theta = theta_old: ratio exactly 1
+            assert torch.allclose(old[row, : len(w)], w, atol=1e-5)
+    g = groups[0]
+    grad_images = [im for grad, ims in seen if grad for im in ims]
+    assert grad_images.count(g.images["anchor"].tobytes()) == (4 if mode == "anchor" else 2)
+    assert grad_images.count(g.images["positive"].tobytes()) == (0 if mode == "anchor" else 2)
+    assert grad_images.count(g.images["negative"].tobytes()) == 4  # the paper's x_neg pass, with gradients
+
+
+def test_dapo_variant_never_touches_positive_or_negative_images(setup, monkeypatch):
+    bench, processor, tokenizer = setup
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, lambda c, r: "right" if r % 10 == 0 else "wrong"))
+    seen = []
+    real = tapo.rescore
+    monkeypatch.setattr(tapo, "rescore", lambda m, p, images, prompts, ids, **kw: seen.append(
+        (kw.get("grad", False), len(images))) or real(m, p, images, prompts, ids, **kw))
+    cfg = TapoConfig.variant("dapo", prompts_per_step=1, micro_batch_size=None)
+    trainer = TapoTrainer(_model(tokenizer), processor, bench, cfg)
+    row = trainer.step(0)
+    assert seen == [(True, 10)]  # one forward with gradients under the anchor, old log-probs from the rollout
+    assert row["kl"] != row["kl"] and row["entropy_neg"] != row["entropy_neg"]  # NaN: not computed
+
+
+# ------------------------------------------------------------------------------------ end to end + resume
+
+E2E = dict(n1=2, n2=2, prompts_per_step=2, updates_per_batch=2, steps=3, checkpoint_every=2, lr=1e-3, seed=0,
+           micro_batch_size=3)
+
+
+def _run(setup, out, monkeypatch, **overrides):
+    bench, processor, tokenizer = setup
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, mixed))
+    trainer = TapoTrainer(_model(tokenizer), processor, bench, TapoConfig(**{**E2E, **overrides}), out)
+    return trainer.train(progress=False)
+
+
+def _log(out):
+    with open(out / "tapo_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(folder):
+    return load_model(folder)[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    out = tmp_path_factory.mktemp("tapo") / "a"
+    try:
+        summary = _run(setup, out, mp)
+    finally:
+        mp.undo()
+    return out, summary
+
+
+def test_end_to_end_writes_log_checkpoint_and_model(setup, uninterrupted):
+    out, summary = uninterrupted
+    log = _log(out)
+    assert list(log[0]) == LOG_COLUMNS and [int(r["step"]) for r in log] == [1, 2, 3]
+    for r in log:
+        assert float(r["accuracy"]) == 0.25 and float(r["kept_ratio"]) == 1.0 and r["retries"] == "0"
+        for k in ("reward", "kl", "entropy", "entropy_neg", "clip_frac", "loss", "response_len", "t_generate",
+                  "t_rescore", "t_update", "seconds"):
+            assert math.isfinite(float(r[k])), k
+    assert (out / "model" / "config.json").is_file() and (out / "tapo.json").is_file()
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["cursor"] == 6
+    init = _model(setup[2]).state_dict()
+    trained = _weights(out / "model")
+    assert any(not torch.allclose(init[k], trained[k]) for k in init)  # the policy moved
+    assert summary["resumed_from"] is None and summary["mean_t_update"] > 0
+
+
+def test_resume_equals_uninterrupted_run(setup, uninterrupted, tmp_path, monkeypatch):
+    a_out, _ = uninterrupted
+    b_out = tmp_path / "b"
+    real_step = TapoTrainer.step
+
+    def interrupted(self, step):
+        if step == 2:  # steps 1 and 2 done (checkpoint at 2), step 3 interrupted
+            raise KeyboardInterrupt("simulated interruption")
+        return real_step(self, step)
+
+    monkeypatch.setattr(TapoTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, b_out, monkeypatch)
+    monkeypatch.setattr(TapoTrainer, "step", real_step)
+    assert not (b_out / "model").exists()
+    summary = _run(setup, b_out, monkeypatch)
+    assert summary["resumed_from"] == 2
+    a, b = _weights(a_out / "model"), _weights(b_out / "model")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+    la, lb = _log(a_out), _log(b_out)
+    assert [r["step"] for r in lb] == ["1", "2", "3"]
+    for ra, rb in zip(la, lb):
+        for k in ("reward", "accuracy", "kl", "entropy", "loss", "clip_frac", "kept_ratio"):
+            assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5), k
+
+
+def test_a_step_with_real_sampling(setup):
+    """No script: the tiny random model samples (it is never right, so keep every group for this check)."""
+    bench, processor, tokenizer = setup
+    model = _model(tokenizer)
+    cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, max_new_tokens=6, dynamic_sampling=False, entropy_neg_grad=False)
+    row = TapoTrainer(model, processor, bench, cfg).step(0)
+    assert row["kept_groups"] == 2 and row["accuracy"] == 0.0 and 1 <= row["response_len"] <= 6
+    assert all(math.isfinite(row[k]) for k in ("loss", "kl", "entropy", "entropy_neg", "grad_norm"))
