@@ -205,6 +205,11 @@ TINY_SIZES: dict[str, dict] = {
                   num_key_value_heads=2, mrope_section=[4, 6, 6]),
         vision=dict(hidden_size=192, intermediate_size=768, depth=2, num_heads=3),
     ),
+    "tiny-8m": dict(  # tiny-6m's text tower with a deeper, wider vision tower
+        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[4, 6, 6]),
+        vision=dict(hidden_size=256, intermediate_size=1024, depth=4, num_heads=4),
+    ),
     "tiny-20m": dict(
         text=dict(hidden_size=512, intermediate_size=2304, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, mrope_section=[8, 12, 12]),
