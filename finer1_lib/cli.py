@@ -72,8 +72,11 @@ def _cot(args) -> int:
 
 @stage("sft", "stage 1: CoT SFT (--data cot) or the direct-answer baseline (--data direct); resumes")
 def _sft(args) -> int:
-    from .pipeline import run_sft
+    from .pipeline import run_sft, sft_comparison
 
+    if args.compare:
+        print(sft_comparison(args.profile, args.out or None, seeds=args.compare).to_string())
+        return 0
     summary = run_sft(args.profile, args.out or None, args.seed, data=args.data)
     print(json.dumps({k: v for k, v in summary.items() if k != "cfg"}, indent=1))
     return 0
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--ship", action="store_true", help="copy the result to data/base_model (the shipped model)")
         if name == "sft":
             p.add_argument("--data", choices=["cot", "direct"], default="cot", help="CoT SFT or direct-answer SFT")
+            p.add_argument("--compare", type=int, nargs="+", metavar="SEED",
+                           help="train direct and CoT SFT for these seeds, evaluate, print mean ± std (Fig. 3a)")
         if name == "bench":
             p.add_argument("what", choices=["generate", "tapo"], help="what to benchmark")
         if name == "tutorial":

@@ -17,7 +17,8 @@ from .benchmark import Benchmark, build_benchmark, load_benchmark
 from .io import write_json
 from .profiles import Profile, current_run_dir, get_profile
 
-__all__ = ["get_benchmark", "load_base_model", "run_concepts", "run_cot", "run_sft", "sft_samples"]
+__all__ = ["get_benchmark", "load_base_model", "run_concepts", "run_cot", "run_sft", "sft_samples", "shipping_metrics",
+           "sft_comparison"]
 
 
 def _run_dir(profile: Profile, out) -> Path:
@@ -166,3 +167,31 @@ def shipping_metrics(model_dir, out=None, progress: bool = False) -> dict:
             model, processor, bench, World(profile.world_seed, profile.image_size, profile.n_genera), profile,
             progress=progress)
     return metrics
+
+
+def sft_comparison(profile=None, out=None, seeds=(0, 1, 2), progress: bool = False) -> "pd.DataFrame":
+    """Zero-shot vs direct SFT vs CoT SFT over several run seeds (split, shots, CoT set and training all
+    follow the seed): the Fig. 3a comparison as mean ± std. Writes ``sft_comparison.csv`` in the run folder."""
+    import pandas as pd
+
+    from .evaluate import compare, evaluate_model
+    from .model import load_model
+
+    profile = get_profile(profile)
+    base, processor = load_base_model(profile)
+    tables = []
+    for seed in seeds:
+        bench = get_benchmark(profile, out, seed)
+        results = {"zero-shot": evaluate_model(base, processor, bench, profile)}
+        for data in ("direct", "cot"):
+            summary = run_sft(profile, out, seed, data, progress=progress)
+            model, proc = load_model(summary["model"])
+            results[f"{data} SFT"] = evaluate_model(model, proc, bench, profile)
+        table = compare(results)
+        table["seed"] = seed
+        tables.append(table)
+    long = pd.concat(tables)
+    long.to_csv(_run_dir(profile, out) / "sft_comparison.csv")
+    grouped = long.drop(columns="seed").groupby(level=0, sort=False)
+    mean, std = grouped.mean(), grouped.std(ddof=0)
+    return mean.round(1).astype(str) + " ± " + std.round(1).astype(str)
