@@ -76,6 +76,23 @@ class _LogCallback(TrainerCallback):
                               "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")})
 
 
+def _load_weights(model, checkpoint: str) -> None:
+    """Load a checkpoint's full weights into ``model`` before resuming.
+
+    The Trainer's own reload reads the safetensors file without the key renaming that ``from_pretrained``
+    applies to Qwen2.5-VL (checkpoints use the hub layout ``model.layers.*``, ``visual.*``), so on its own it
+    silently loads nothing. peft adapters are reloaded by the Trainer itself.
+    """
+    if hasattr(model, "peft_config"):
+        return
+    dtype = next(model.parameters()).dtype
+    loaded = type(model).from_pretrained(checkpoint, dtype=dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:  # lm_head is tied to the embeddings
+        raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+
+
 def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path, cfg: dict | None = None, *,
               resume: bool = True, progress: bool = True, max_steps: int | None = None) -> dict:
     """Fine-tune ``model`` on ``examples``; checkpoints in ``out/checkpoint-*``, final model in ``out/model``.
@@ -121,6 +138,8 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
     if not progress:
         trainer.remove_callback(PrinterCallback)  # no per-step dicts on stdout
     last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
+    if last:
+        _load_weights(trainer.model, last)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0

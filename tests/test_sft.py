@@ -43,25 +43,28 @@ def test_resume_matches_uninterrupted_run(processor, tmp_path, monkeypatch):
     a = sft.train_sft(full, processor, _examples(), tmp_path / "a", CFG, progress=False)
     assert a["steps"] == 4 and a["resumed_from"] is None
 
-    # interrupted after step 1 (mid-epoch), then the same call again resumes from checkpoint-1
+    # interrupted after step 2 (lr > 0 by then: warm-up is 1 step), then the same call resumes from checkpoint-2
     orig = sft.Trainer
 
     class Interrupted(orig):
         def __init__(self, *args, callbacks=None, **kw):
-            super().__init__(*args, callbacks=[*(callbacks or []), StopAt(1)], **kw)
+            super().__init__(*args, callbacks=[*(callbacks or []), StopAt(2)], **kw)
 
     monkeypatch.setattr(sft, "Trainer", Interrupted)
     sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(),
                   tmp_path / "b", CFG, progress=False)
     monkeypatch.setattr(sft, "Trainer", orig)
-    assert (tmp_path / "b" / "checkpoint-1").is_dir()
+    assert (tmp_path / "b" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "b" / "checkpoint-4").exists()
     b = sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(),
                       tmp_path / "b", CFG, progress=False)
-    assert b["resumed_from"].endswith("checkpoint-1") and b["steps"] == 4
+    assert b["resumed_from"].endswith("checkpoint-2") and b["steps"] == 4
     ma, _ = load_model(tmp_path / "a" / "model")
     mb, _ = load_model(tmp_path / "b" / "model")
-    for (na, pa), (nb, pb) in zip(ma.state_dict().items(), mb.state_dict().items()):
+    m0 = build_tiny_model(processor.tokenizer, "tiny-3m", seed=0)
+    for (na, pa), (nb, pb), (_, p0) in zip(ma.state_dict().items(), mb.state_dict().items(), m0.state_dict().items()):
         assert na == nb and torch.allclose(pa, pb, atol=1e-5), na
+    assert not torch.allclose(ma.state_dict()["lm_head.weight"], m0.state_dict()["lm_head.weight"])  # it trained
     log = (tmp_path / "b" / "sft_log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4]  # the interrupted part's log is kept
 
