@@ -82,6 +82,34 @@ def _sft(args) -> int:
     return 0
 
 
+@stage("tapo", "stage 2: TAPO (§4.3) or a variant from the CoT-SFT model; --ablation / --ratios: Fig. 3c / Table 3a")
+def _tapo(args) -> int:
+    from .pipeline import run_tapo, tapo_ablation, tapo_ratios
+
+    seeds = args.seeds or [args.seed]
+    if args.ablation or args.ratios:
+        fn = tapo_ablation if args.ablation else tapo_ratios
+        print(fn(args.profile, args.out or None, seeds=seeds, progress=True).to_string())
+        return 0
+    for seed in seeds:
+        summary = run_tapo(args.profile, args.out or None, seed, args.variant, n1=args.n1, n2=args.n2)
+        print(json.dumps({k: v for k, v in summary.items() if k != "cfg"}, indent=1))
+    return 0
+
+
+@stage("evaluate", "closed- and open-world evaluation of the methods (Tables 1-2, Fig. 3), mean ± std over seeds")
+def _evaluate(args) -> int:
+    from .pipeline import METHODS, compare_methods
+
+    unknown = [m for m in args.methods if m not in METHODS and not m.startswith("tapo-")]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)} or tapo-<variant>")
+    table = compare_methods(args.profile, args.out or None, args.seeds or [args.seed], args.methods,
+                            progress=True, csv_name="evaluation.csv")
+    print(table.to_string())
+    return 0
+
+
 @stage("tutorial", "run the notebooks in order, writing executed copies, figures/ and a results report")
 def _tutorial(args) -> int:
     from .tutorial import run_tutorial
@@ -121,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", choices=["cot", "direct"], default="cot", help="CoT SFT or direct-answer SFT")
             p.add_argument("--compare", type=int, nargs="+", metavar="SEED",
                            help="train direct and CoT SFT for these seeds, evaluate, print mean ± std (Fig. 3a)")
+        if name in ("tapo", "evaluate"):
+            p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="several seeds (mean ± std)")
+        if name == "tapo":
+            from .tapo import VARIANTS
+
+            p.add_argument("--variant", choices=sorted(VARIANTS), default="tapo", help="ablation preset (Fig. 3c)")
+            p.add_argument("--n1", type=int, default=None, help="rollouts from the anchor (Eq. 1)")
+            p.add_argument("--n2", type=int, default=None, help="rollouts from the positive (Eq. 1)")
+            p.add_argument("--ablation", action="store_true", help="all four variants, evaluated (Fig. 3c)")
+            p.add_argument("--ratios", action="store_true", help="n1:n2 in 10:0 8:2 5:5 2:8 0:10 (Table 3a)")
+        if name == "evaluate":
+            from .pipeline import METHODS
+
+            p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                           help=f"rows of the table (default all: {', '.join(METHODS)})")
         if name == "bench":
             p.add_argument("what", choices=["generate", "tapo"], help="what to benchmark")
         if name == "tutorial":

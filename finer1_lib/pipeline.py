@@ -6,6 +6,8 @@ Artifacts of a run live in one folder (``data/runs/<profile>/`` or ``$FINER1_RUN
     concepts-seed{S}.jsonl extracted + filtered concepts              (concepts, §4.2 (1))
     cot-seed{S}/           cot_sft.json, direct_sft.json, stats.json   (cot, §4.2 (2))
     sft-{cot|direct}-seed{S}/  checkpoints and the fine-tuned model    (sft, §4.2 stage 1)
+    tapo-{variant}-seed{S}/    checkpoints, tapo_log.csv, the model    (tapo, §4.3 stage 2)
+    */eval*.csv                cached evaluations of a folder's model  (evaluate)
 
 A stage whose output exists is not redone (pass ``force=True``); training stages resume from checkpoints.
 """
@@ -18,7 +20,8 @@ from .io import write_json
 from .profiles import Profile, current_run_dir, get_profile
 
 __all__ = ["get_benchmark", "load_base_model", "run_concepts", "run_cot", "run_sft", "sft_samples", "shipping_metrics",
-           "sft_comparison"]
+           "sft_comparison", "run_tapo", "tapo_config", "METHODS", "method_model", "evaluate_method", "compare_methods",
+           "tapo_ablation", "tapo_ratios", "RATIOS", "mean_std"]
 
 
 def _run_dir(profile: Profile, out) -> Path:
@@ -123,14 +126,25 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     """Stage 1 of Fine-R1: fine-tune the base model on the CoT set (or the direct-answer baseline).
 
     Resumes from the folder's last checkpoint (a finished run is not redone); ``fresh=True`` starts over."""
-    from .sft import examples_from_samples, replay_examples, train_sft
+    import json
+    import shutil
+
+    from .sft import SFT_DEFAULTS, examples_from_samples, replay_examples, train_sft
     from .world import World
 
     profile = get_profile(profile)
+    cfg = dict(profile.sft, seed=seed)
+    folder = _run_dir(profile, out) / f"sft-{data}-seed{seed}"
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    done = folder / "sft.json"
+    if done.is_file() and (folder / "model").is_dir() and max_steps is None:  # finished: not redone
+        summary = json.loads(done.read_text())
+        if summary.get("max_steps") is None and summary.get("cfg") == json.loads(json.dumps({**SFT_DEFAULTS, **cfg})):
+            return {**summary, "model": str(folder / "model"), "reused": True}
     samples = sft_samples(profile, out, seed, data)
     bench = get_benchmark(profile, out, seed)
     examples = examples_from_samples(samples, bench.image)
-    cfg = dict(profile.sft, seed=seed)
     if cfg.get("replay") and profile.world == "micro":
         examples += replay_examples(World(profile.world_seed, profile.image_size, profile.n_genera),
                                     round(cfg["replay"] * len(examples)), seed)
@@ -139,11 +153,6 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
         from .model import _wrap_lora
 
         model = _wrap_lora(model, cfg["lora"], quantized=False)
-    folder = _run_dir(profile, out) / f"sft-{data}-seed{seed}"
-    if fresh and folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
     summary = train_sft(model, processor, examples, folder, cfg, progress=progress, max_steps=max_steps)
     summary["model"] = str(folder / "model")
     return summary
@@ -169,29 +178,198 @@ def shipping_metrics(model_dir, out=None, progress: bool = False) -> dict:
     return metrics
 
 
+def mean_std(tables: dict[int, "pd.DataFrame"]) -> "pd.DataFrame":
+    """Per-seed tables (same rows and columns) -> one table of "mean ± std" strings (std over seeds, ddof 0)."""
+    import pandas as pd
+
+    long = pd.concat(tables, names=["seed", "method"])
+    grouped = long.groupby(level="method", sort=False)
+    mean, std = grouped.mean(), grouped.std(ddof=0)
+    return mean.round(1).astype(str) + " ± " + std.round(1).astype(str)
+
+
 def sft_comparison(profile=None, out=None, seeds=(0, 1, 2), progress: bool = False) -> "pd.DataFrame":
     """Zero-shot vs direct SFT vs CoT SFT over several run seeds (split, shots, CoT set and training all
     follow the seed): the Fig. 3a comparison as mean ± std. Writes ``sft_comparison.csv`` in the run folder."""
-    import pandas as pd
+    return compare_methods(profile, out, seeds, ("zero-shot", "direct SFT", "CoT SFT"), progress=progress,
+                           csv_name="sft_comparison.csv")
 
-    from .evaluate import compare, evaluate_model
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: TAPO (§4.3) and the methods of the evaluation tables
+# --------------------------------------------------------------------------------------------------
+
+
+def tapo_config(profile=None, seed: int = 0, variant: str = "tapo", n_triplets: int | None = None, **overrides):
+    """The TapoConfig of a profile: the variant's preset (``tapo.VARIANTS``), then ``profile.tapo``, then
+    ``overrides``. ``profile.tapo["epochs"]`` (the real profiles) sets the step count from the number of
+    triplets; the keys ``seeds`` and ``variants`` are for the drivers, not the trainer."""
+    import dataclasses
+    import math
+
+    from .tapo import TapoConfig
+
+    profile = get_profile(profile)
+    fields = {f.name for f in dataclasses.fields(TapoConfig)}
+    cfg = {k: v for k, v in profile.tapo.items() if k in fields}
+    if "epochs" in profile.tapo and "steps" not in overrides:
+        if not n_triplets:
+            raise ValueError(f"profile {profile.name!r} gives TAPO epochs: the number of triplets is needed")
+        cfg["steps"] = max(1, math.ceil(profile.tapo["epochs"] * n_triplets / cfg.get("prompts_per_step", 8)))
+    return TapoConfig.variant(variant, **{**cfg, **overrides, "seed": seed})
+
+
+def _tapo_folder(variant: str, seed: int, n1: int | None, n2: int | None) -> str:
+    """The run folder; an n1:n2 equal to the variant's preset is the preset's run (no duplicate training)."""
+    from .tapo import VARIANTS
+
+    preset = VARIANTS.get(variant, {})
+    n1 = None if n1 == preset.get("n1") and n2 in (None, preset.get("n2")) else n1
+    n2 = None if n1 is None and n2 in (None, preset.get("n2")) else n2
+    ratio = f"-{n1}x{n2}" if n1 is not None or n2 is not None else ""
+    return f"tapo-{variant}{ratio}-seed{seed}"
+
+
+def _tapo_key(key: str) -> tuple[str, int | None, int | None]:
+    """"tapo-intra" -> ("intra", None, None); "tapo-tapo-2x8" -> ("tapo", 2, 8) (an n1:n2 run, Table 3a)."""
+    variant, _, ratio = key[len("tapo-"):].partition("-")
+    if not ratio:
+        return variant, None, None
+    try:
+        n1, n2 = (int(v) for v in ratio.split("x"))
+    except ValueError:
+        raise ValueError(f"bad TAPO run name {key!r}: expected tapo-<variant> or tapo-<variant>-<n1>x<n2>") from None
+    return variant, n1, n2
+
+
+def run_tapo(profile=None, out=None, seed: int = 0, variant: str = "tapo", progress: bool = True,
+             n1: int | None = None, n2: int | None = None, fresh: bool = False, **overrides) -> dict:
+    """Stage 2 of Fine-R1 (§4.3): TAPO, or one of its ablation variants (dapo, intra, inter, tapo; any n1:n2),
+    from the CoT-SFT model of the same seed (trained first if missing). Resumes from the folder's checkpoint;
+    a finished run is not redone; ``fresh=True`` starts over. Returns the summary with ``model``."""
+    import shutil
+
+    import json
+
+    from .model import load_model
+    from .tapo import TapoTrainer
+
+    profile = get_profile(profile)
+    bench = get_benchmark(profile, out, seed)
+    ratio = {k: v for k, v in (("n1", n1), ("n2", n2)) if v is not None}
+    cfg = tapo_config(profile, seed, variant, n_triplets=len(bench.triplets), **ratio, **overrides)
+    folder = _run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    done = folder / "tapo.json"
+    if done.is_file() and (folder / "model").is_dir():
+        summary = json.loads(done.read_text())
+        if summary.get("steps") == cfg.steps:
+            return {**summary, "model": str(folder / "model"), "reused": True}
+    sft = run_sft(profile, out, seed, "cot", progress=progress)
+    dtype = None if profile.dtype == "float32" else profile.dtype
+    model, processor = load_model(sft["model"], dtype=dtype)
+    summary = TapoTrainer(model, processor, bench, cfg, folder).train(progress=progress)
+    return {**summary, "model": str(folder / "model")}
+
+
+#: The rows of the evaluation tables (Tables 1-2, Fig. 3): name -> (what model, "step by step" prompt).
+METHODS = {
+    "zero-shot": ("base", False),
+    "zero-shot + step by step": ("base", True),   # Fig. 3b
+    "direct SFT": ("sft-direct", False),          # Fig. 3a
+    "CoT SFT": ("sft-cot", False),
+    "CoT SFT + DAPO": ("tapo-dapo", False),       # Fig. 3c
+    "Fine-R1 (TAPO)": ("tapo-tapo", False),
+}
+
+
+def method_model(profile=None, out=None, seed: int = 0, method: str = "Fine-R1 (TAPO)", progress: bool = False):
+    """(model, processor, folder) of a method: the base model, or the run that trains it (done if missing).
+    ``method`` is a key of ``METHODS`` or "tapo-<variant>" (e.g. "tapo-intra")."""
     from .model import load_model
 
     profile = get_profile(profile)
-    base, processor = load_base_model(profile)
-    tables = []
-    for seed in seeds:
-        bench = get_benchmark(profile, out, seed)
-        results = {"zero-shot": evaluate_model(base, processor, bench, profile)}
-        for data in ("direct", "cot"):
-            summary = run_sft(profile, out, seed, data, progress=progress)
-            model, proc = load_model(summary["model"])
-            results[f"{data} SFT"] = evaluate_model(model, proc, bench, profile)
-        table = compare(results)
-        table["seed"] = seed
-        tables.append(table)
-    long = pd.concat(tables)
-    long.to_csv(_run_dir(profile, out) / "sft_comparison.csv")
-    grouped = long.drop(columns="seed").groupby(level=0, sort=False)
-    mean, std = grouped.mean(), grouped.std(ddof=0)
-    return mean.round(1).astype(str) + " ± " + std.round(1).astype(str)
+    key = METHODS[method][0] if method in METHODS else method
+    if key == "base":
+        model, processor = load_base_model(profile)
+        return model, processor, get_benchmark(profile, out, seed).root
+    if key.startswith("sft-"):
+        summary = run_sft(profile, out, seed, key[4:], progress=progress)
+    elif key.startswith("tapo-"):
+        variant, n1, n2 = _tapo_key(key)
+        summary = run_tapo(profile, out, seed, variant, progress=progress, n1=n1, n2=n2)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)} or 'tapo-<variant>'")
+    dtype = None if profile.dtype == "float32" else profile.dtype
+    model, processor = load_model(summary["model"], dtype=dtype)
+    return model, processor, Path(summary["model"]).parent
+
+
+def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-shot", progress: bool = False,
+                    force: bool = False) -> "pd.DataFrame":
+    """Closed- and open-world evaluation of one method on the seed's benchmark (``evaluate.evaluate_model``),
+    cached as ``eval*.csv`` in the folder of the model (a retrained model takes its cache with it)."""
+    import pandas as pd
+
+    from .evaluate import evaluate_model
+    from .io import atomic_write_text
+
+    profile = get_profile(profile)
+    think = METHODS[method][1] if method in METHODS else False
+    key = METHODS[method][0] if method in METHODS else method
+    if key == "base":
+        folder = get_benchmark(profile, out, seed).root
+        cache = folder / ("eval-zero-shot-step-by-step.csv" if think else "eval-zero-shot.csv")
+    else:
+        if key.startswith("sft-"):
+            name = f"sft-{key[4:]}-seed{seed}"
+        else:
+            variant, n1, n2 = _tapo_key(key)
+            name = _tapo_folder(variant, seed, n1, n2)
+        folder = _run_dir(profile, out) / name
+        cache = folder / "eval.csv"
+    if cache.is_file() and not force:
+        return pd.read_csv(cache, keep_default_na=False, dtype={"output": str, "prediction": str},
+                           converters={"SS": lambda v: float(v) if v != "" else float("nan")})
+    model, processor, _ = method_model(profile, out, seed, method, progress=progress)
+    df = evaluate_model(model, processor, get_benchmark(profile, out, seed), profile,
+                        think_step_by_step=think, progress=progress)
+    atomic_write_text(cache, df.to_csv(index=False))
+    return df
+
+
+def compare_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS), progress: bool = False,
+                    csv_name: str | None = None) -> "pd.DataFrame":
+    """``evaluate.compare`` of several methods (trained and evaluated as needed, cached) over seeds: one row per
+    method, "mean ± std" over the seeds; the per-seed numbers go to ``csv_name`` in the run folder."""
+    import pandas as pd
+
+    from .evaluate import compare
+    from .io import atomic_write_text
+
+    profile = get_profile(profile)
+    tables = {s: compare({m: evaluate_method(profile, out, s, m, progress=progress) for m in methods})
+              for s in seeds}
+    if csv_name:
+        atomic_write_text(_run_dir(profile, out) / csv_name,
+                          pd.concat(tables, names=["seed", "method"]).to_csv())
+    return mean_std(tables)
+
+
+def tapo_ablation(profile=None, out=None, seeds=(0,), variants=("dapo", "intra", "inter", "tapo"),
+                  progress: bool = False) -> "pd.DataFrame":
+    """Fig. 3c analog (key components): CoT SFT + each TAPO variant (DAPO, + intra-class positives, + inter-class negatives,
+    both), mean ± std over seeds; per-seed rows in ``tapo_ablation.csv``."""
+    methods = ("CoT SFT",) + tuple(f"tapo-{v}" for v in variants)
+    return compare_methods(profile, out, seeds, methods, progress=progress, csv_name="tapo_ablation.csv")
+
+
+#: Table 3a: rollouts from the anchor : from the positive, in a group of 10.
+RATIOS = ((10, 0), (8, 2), (5, 5), (2, 8), (0, 10))
+
+
+def tapo_ratios(profile=None, out=None, seeds=(0,), ratios=RATIOS, progress: bool = False) -> "pd.DataFrame":
+    """Table 3a analog: full TAPO with n1:n2 anchor:positive rollouts; per-seed rows in ``tapo_ratios.csv``."""
+    methods = tuple(f"tapo-tapo-{n1}x{n2}" for n1, n2 in ratios)
+    return compare_methods(profile, out, seeds, methods, progress=progress, csv_name="tapo_ratios.csv")

@@ -45,6 +45,7 @@ class Profile:
     concepts: dict = field(default_factory=dict)   # §4.2 (1)
     cot: dict = field(default_factory=dict)        # §4.2 (2)
     sft: dict = field(default_factory=dict)        # §4.2 stage 1 (see sft.SFT_DEFAULTS)
+    tapo: dict = field(default_factory=dict)       # §4.3 stage 2 (TapoConfig fields; + epochs, seeds)
     eval: dict = field(default_factory=dict)
     # --- output
     figures_in_repo: bool = True     # False: figures go to the run folder (CI must not touch figures/)
@@ -83,26 +84,38 @@ _CPU_SFT = dict(epochs=15, batch_size=8, grad_accum=1, lr=3e-4, warmup_frac=0.05
 # The official settings (official-implementation.md): full FT, bs 4 x accum 4, lr 5e-6 cosine, wd 0.1, 10 epochs.
 _PAPER_SFT = dict(epochs=10, batch_size=4, grad_accum=4, lr=5e-6, warmup_frac=0.03, weight_decay=0.1,
                   lr_scheduler="cosine", bf16=True, save_every_epochs=1, seed=0, replay=0.0)
+# TAPO (§4.3). The tiny model: 16 steps of 4 triplets x 10 rollouts (~10-15 s a step on 2 cores), lr 5e-5
+# (SFT ran at 3e-4). `seeds`: the seeds the notebooks run (the CLI's --seeds overrides).
+_CPU_TAPO = dict(steps=16, prompts_per_step=4, updates_per_batch=2, lr=5e-5, max_new_tokens=160,
+                 checkpoint_every=4, generate_batch_size=40, seeds=(0,))
+# The official settings (official-implementation.md): rollout batch 384 (3B) / 192 (7B) prompts, global batch
+# 128 / 64 (= 3 updates per rollout batch), 10 / 5 epochs, lr 1e-6, wd 1e-2, top_p 0.99, responses <= 2048.
+_PAPER_TAPO = dict(epochs=10, prompts_per_step=384, updates_per_batch=3, lr=1e-6, weight_decay=1e-2, top_p=0.99,
+                   max_new_tokens=2048, checkpoint_every=5, generate_batch_size=64, micro_batch_size=4, seeds=(0,))
 _REAL_CONCEPTS = dict(per_class=1, samples_per_prompt=2, temperature=1.0, max_new_tokens=128, beta=0.1,
                       min_support=0.3, neighbours=3)
 _REAL_COT = dict(teacher="Qwen/Qwen2.5-VL-32B-Instruct", max_retries=5)
 
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(name="cpu", pretrain=_CPU_PRETRAIN, concepts=_CPU_CONCEPTS, cot=_CPU_COT, sft=_CPU_SFT,
+                   tapo=_CPU_TAPO,
                    eval=dict(max_new_tokens=160, batch_size=32)),
     "smoke": Profile(name="smoke", test_per_class=2, rl_per_class=2, reference_per_class=2,
                      figures_in_repo=False,
                      pretrain=dict(_CPU_PRETRAIN, steps=20, batch_size=4, warmup=5, checkpoint_every=10),
                      concepts=dict(_CPU_CONCEPTS, per_class=1, samples_per_prompt=1), cot=_CPU_COT,
                      sft=dict(_CPU_SFT, epochs=3),
+                     tapo=dict(_CPU_TAPO, steps=2, prompts_per_step=2, max_new_tokens=96, max_retries=2,
+                               generate_batch_size=20, checkpoint_every=1),
                      eval=dict(max_new_tokens=160, batch_size=32)),
     "qwen2.5-vl-3b": Profile(name="qwen2.5-vl-3b", world="real", model="Qwen/Qwen2.5-VL-3B-Instruct",
                              image_size=448, data_root=str(DATA_DIR / "datasets"), dtype="bfloat16",
                              test_per_class=10**9, concepts=_REAL_CONCEPTS, cot=_REAL_COT, sft=_PAPER_SFT,
-                             eval=dict(max_new_tokens=1024, batch_size=16)),
+                             tapo=_PAPER_TAPO, eval=dict(max_new_tokens=1024, batch_size=16)),
     "qwen2.5-vl-7b": Profile(name="qwen2.5-vl-7b", world="real", model="Qwen/Qwen2.5-VL-7B-Instruct",
                              image_size=448, data_root=str(DATA_DIR / "datasets"), dtype="bfloat16",
                              test_per_class=10**9, concepts=_REAL_CONCEPTS, cot=_REAL_COT, sft=_PAPER_SFT,
+                             tapo=dict(_PAPER_TAPO, epochs=5, prompts_per_step=192),
                              eval=dict(max_new_tokens=1024, batch_size=8)),
 }
 

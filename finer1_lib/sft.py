@@ -152,6 +152,6 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
     summary = {"examples": len(dataset), "steps": trainer.state.global_step, "epochs": cfg["epochs"],
                "seconds": round(seconds, 1), "train_loss": round(result.training_loss, 4),
                "final_logged_loss": float(history["loss"].iloc[-1]) if len(history) else None,
-               "resumed_from": last, "cfg": cfg}
+               "resumed_from": last, "max_steps": max_steps, "cfg": cfg}
     write_json(out / "sft.json", summary)
     return summary

@@ -26,8 +26,8 @@ estimator with log g = log pi_neg - log pi (the paper writes g = pi / pi_neg), c
 (log g to [-20, 20], KL to [-10, 10]); the paper defines H = log pi, but "low-entropy" and the code
 (``entropy_loss = -mean(log pi)``, added to the loss) mean H = -log pi, minimised.
 
-Variants of the ablations (Table 4 / Fig. 4): ``TapoConfig.variant("dapo" | "intra" | "inter" | "tapo")``
-and any n1:n2 ratio (10:0, 8:2, 5:5, 2:8, 0:10) through ``n1`` / ``n2``.
+Variants of the ablations (key components, Fig. 3c): ``TapoConfig.variant("dapo" | "intra" | "inter" | "tapo")``
+and any n1:n2 ratio (Table 3a: 10:0, 8:2, 5:5, 2:8, 0:10) through ``n1`` / ``n2``.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from .protocol import Triplet, question_templates
 __all__ = ["TapoConfig", "TapoTrainer", "tapo_loss", "group_advantages", "keep_group", "k3_kl_clamped",
            "bench_tapo", "LOG_COLUMNS", "VARIANTS"]
 
-#: Ablation presets (paper Table 4): DAPO baseline, intra-class only, inter-class only, full TAPO.
+#: Ablation presets (paper Fig. 3c): DAPO baseline, intra-class only, inter-class only, full TAPO.
 VARIANTS = {
     "dapo": dict(n1=10, n2=0, gamma=0.0, eta1=0.0, eta2=0.0),
     "intra": dict(n1=5, n2=5, gamma=0.0, eta1=0.0, eta2=0.0),

@@ -56,6 +56,50 @@ def test_cot_then_sft_from_known_concepts(profile, tmp_path):
     assert summary["steps"] == 3 and (tmp_path / "sft-direct-seed0" / "model" / "config.json").is_file()
     with pytest.raises(ValueError, match="unknown SFT data 'both'"):
         pipeline.sft_samples(profile, tmp_path, 0, "both")
+    # a finished run is reused, not retrained (its summary and weights unchanged)
+    weights = (tmp_path / "sft-direct-seed0" / "model" / "model.safetensors").read_bytes()
+    again = pipeline.run_sft(profile, tmp_path, 0, "direct", progress=False)
+    assert again["reused"] and again["seconds"] == summary["seconds"]
+    assert (tmp_path / "sft-direct-seed0" / "model" / "model.safetensors").read_bytes() == weights
+
+    # stage 2 from the CoT-SFT model of the same seed (trained on demand), then the cached evaluation
+    tapo_profile = profile.replace(tapo=dict(profile.tapo, steps=1, prompts_per_step=1, max_new_tokens=8,
+                                             max_retries=0, dynamic_sampling=False, generate_batch_size=10))
+    run = pipeline.run_tapo(tapo_profile, tmp_path, 0, "dapo", progress=False)
+    folder = tmp_path / "tapo-dapo-seed0"
+    assert run["model"] == str(folder / "model") and (tmp_path / "sft-cot-seed0" / "model").is_dir()
+    assert run["cfg"]["n1"] == 10 and run["cfg"]["n2"] == 0 and run["cfg"]["gamma"] == 0.0
+    assert len((folder / "tapo_log.csv").read_text().splitlines()) == 2  # header + one step
+    assert pipeline.run_tapo(tapo_profile, tmp_path, 0, "dapo", progress=False)["reused"]
+    df = pipeline.evaluate_method(tapo_profile, tmp_path, 0, "CoT SFT + DAPO")
+    assert (folder / "eval.csv").is_file() and set(df["mode"]) == {"closed", "open"}
+    cached = pipeline.evaluate_method(tapo_profile, tmp_path, 0, "CoT SFT + DAPO")
+    assert cached[["correct", "prediction"]].equals(df[["correct", "prediction"]])
+
+
+def test_tapo_run_names_and_config():
+    assert pipeline._tapo_folder("tapo", 0, None, None) == "tapo-tapo-seed0"
+    assert pipeline._tapo_folder("tapo", 1, 5, 5) == "tapo-tapo-seed1"  # the preset's own ratio: same run
+    assert pipeline._tapo_folder("tapo", 0, 2, 8) == "tapo-tapo-2x8-seed0"
+    assert pipeline._tapo_key("tapo-tapo-2x8") == ("tapo", 2, 8)
+    assert pipeline._tapo_key("tapo-intra") == ("intra", None, None)
+    with pytest.raises(ValueError, match="bad TAPO run name 'tapo-tapo-two'"):
+        pipeline._tapo_key("tapo-tapo-two")
+    cfg = pipeline.tapo_config("cpu", seed=3, variant="intra")
+    assert (cfg.seed, cfg.n1, cfg.n2, cfg.gamma, cfg.lr) == (3, 5, 5, 0.0, PROFILES["cpu"].tapo["lr"])
+    # the real profiles count epochs over the triplets (official: 10 epochs, rollout batch 384)
+    real = pipeline.tapo_config("qwen2.5-vl-3b", n_triplets=1000)
+    assert real.steps == 27 and real.lr == 1e-6 and real.updates_per_batch == 3
+    with pytest.raises(ValueError, match="number of triplets"):
+        pipeline.tapo_config("qwen2.5-vl-3b")
+
+
+def test_mean_std_over_seeds():
+    import pandas as pd
+
+    t = {s: pd.DataFrame({"acc": [10.0 + s, 20.0]}, index=pd.Index(["a", "b"], name="method")) for s in (0, 2)}
+    out = pipeline.mean_std(t)
+    assert out.loc["a", "acc"] == "11.0 ± 1.0" and out.loc["b", "acc"] == "20.0 ± 0.0"
 
 
 def test_cli_pretrain_smoke_runs_and_resumes(tmp_path, capsys):
