@@ -110,6 +110,20 @@ def _evaluate(args) -> int:
     return 0
 
 
+@stage("analyze", "§5.4: H1 linear probe, H2 taxonomy gap + t-test, H3 PCA separability (Table 4, Fig. 4)")
+def _analyze(args) -> int:
+    from .pipeline import run_analysis
+
+    for seed in args.seeds or [args.seed]:
+        res = run_analysis(args.profile, args.out or None, seed, progress=True)
+        print(f"seed {seed}\nH1 linear probe (%):\n{res['h1'].to_string()}")
+        print("H2:", json.dumps(res["h2"], default=float))
+        print("H3:", json.dumps({m: {k: v for k, v in s.items() if k in ("pca2_accuracy", "full_accuracy",
+                                                                           "silhouette")}
+                                 for m, s in res["h3"].items()}, default=float))
+    return 0
+
+
 @stage("tutorial", "run the notebooks in order, writing executed copies, figures/ and a results report")
 def _tutorial(args) -> int:
     from .tutorial import run_tutorial
@@ -149,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", choices=["cot", "direct"], default="cot", help="CoT SFT or direct-answer SFT")
             p.add_argument("--compare", type=int, nargs="+", metavar="SEED",
                            help="train direct and CoT SFT for these seeds, evaluate, print mean ± std (Fig. 3a)")
-        if name in ("tapo", "evaluate"):
+        if name in ("tapo", "evaluate", "analyze"):
             p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="several seeds (mean ± std)")
         if name == "tapo":
             from .tapo import VARIANTS

@@ -21,7 +21,7 @@ from .profiles import Profile, current_run_dir, get_profile
 
 __all__ = ["get_benchmark", "load_base_model", "run_concepts", "run_cot", "run_sft", "sft_samples", "shipping_metrics",
            "sft_comparison", "run_tapo", "tapo_config", "METHODS", "method_model", "evaluate_method", "compare_methods",
-           "tapo_ablation", "tapo_ratios", "RATIOS", "mean_std"]
+           "tapo_ablation", "tapo_ratios", "RATIOS", "mean_std", "run_analysis", "ANALYSIS_DEFAULTS", "run_clip"]
 
 
 def _run_dir(profile: Profile, out) -> Path:
@@ -281,7 +281,26 @@ METHODS = {
     "CoT SFT": ("sft-cot", False),
     "CoT SFT + DAPO": ("tapo-dapo", False),       # Fig. 3c
     "Fine-R1 (TAPO)": ("tapo-tapo", False),
+    "CLIP-style dual encoder": ("clip", False),   # Table 1 CLIP rows: closed world only
 }
+
+
+def run_clip(profile=None, out=None, seed: int = 0, progress: bool = False):
+    """The contrastive CLIP-style baseline (Table 1, CLIP rows): a dual encoder trained on the base model's
+    pretraining data (``clip_baseline``), preset ``profile.eval["clip"]``; resumes, a finished run is reused.
+    Micro world only (on real data use a real CLIP/SigLIP). Returns (model, folder)."""
+    from .clip_baseline import clip_config, train_clip
+    from .world import World
+
+    profile = get_profile(profile)
+    if profile.world != "micro":
+        raise ValueError("the CLIP-style baseline is trained on the micro world's pretraining data; on real "
+                         "data compare with a released CLIP/SigLIP instead")
+    cfg = dict(profile.eval.get("clip", {"preset": "cpu"}))
+    folder = _run_dir(profile, out) / f"clip-seed{seed}"
+    world = World(profile.world_seed, profile.image_size, profile.n_genera)
+    model, _ = train_clip(world, clip_config(cfg.pop("preset"), seed=seed, **cfg), folder, progress=progress)
+    return model, folder
 
 
 def method_model(profile=None, out=None, seed: int = 0, method: str = "Fine-R1 (TAPO)", progress: bool = False):
@@ -321,6 +340,8 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
     if key == "base":
         folder = get_benchmark(profile, out, seed).root
         cache = folder / ("eval-zero-shot-step-by-step.csv" if think else "eval-zero-shot.csv")
+    elif key == "clip":
+        cache = _run_dir(profile, out) / f"clip-seed{seed}" / "eval.csv"
     else:
         if key.startswith("sft-"):
             name = f"sft-{key[4:]}-seed{seed}"
@@ -332,6 +353,14 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
     if cache.is_file() and not force:
         return pd.read_csv(cache, keep_default_na=False, dtype={"output": str, "prediction": str},
                            converters={"SS": lambda v: float(v) if v != "" else float("nan")})
+    if key == "clip":
+        from .clip_baseline import closed_world_eval
+
+        bench = get_benchmark(profile, out, seed)
+        clip, _ = run_clip(profile, out, seed, progress=progress)
+        df = closed_world_eval(clip, bench.eval_rows, bench.image)
+        atomic_write_text(cache, df.to_csv(index=False))
+        return df
     model, processor, _ = method_model(profile, out, seed, method, progress=progress)
     df = evaluate_model(model, processor, get_benchmark(profile, out, seed), profile,
                         think_step_by_step=think, progress=progress)
@@ -373,3 +402,91 @@ def tapo_ratios(profile=None, out=None, seeds=(0,), ratios=RATIOS, progress: boo
     """Table 3a analog: full TAPO with n1:n2 anchor:positive rollouts; per-seed rows in ``tapo_ratios.csv``."""
     methods = tuple(f"tapo-tapo-{n1}x{n2}" for n1, n2 in ratios)
     return compare_methods(profile, out, seeds, methods, progress=progress, csv_name="tapo_ratios.csv")
+
+
+# --------------------------------------------------------------------------------------------------
+# §5.4: why it works (H1-H3, Table 4 and Fig. 4)
+# --------------------------------------------------------------------------------------------------
+
+
+def _analysis_features(model, processor, bench, profile: Profile, seed: int) -> dict:
+    """The hidden states H1-H3 need from one model (``analysis`` module), on the seed's benchmark."""
+    from .analysis import h3_pairs, image_token_features, name_embeddings, pair_features
+    from .records import SUPER_CATEGORY_WORD
+
+    cfg = {**ANALYSIS_DEFAULTS, **profile.eval.get("analysis", {})}
+    probe_train = [r for role in ("train", "rl", "reference") for r in bench.records[role]]
+    probe_test = bench.records["test"]
+    load = lambda recs: [bench.image(r) for r in recs]  # noqa: E731
+    names = sorted({r.label for r in probe_test})
+    pairs = h3_pairs(probe_test, {sc: sorted({r.label for r in probe_test if r.super_category == sc})
+                                  for sc in bench.split}, seed=seed)
+    return {
+        "probe_train": image_token_features(model, processor, load(probe_train), batch_size=cfg["batch_size"]),
+        "probe_test": image_token_features(model, processor, load(probe_test), batch_size=cfg["batch_size"]),
+        "names": names,
+        "name_emb": name_embeddings(model, processor, names, batch_size=cfg["batch_size"]),
+        "pairs": pair_features(model, processor, [bench.image(r) for r, _, _ in pairs],
+                               [SUPER_CATEGORY_WORD[r.super_category] for r, _, _ in pairs],
+                               [n for _, n, _ in pairs], batch_size=cfg["batch_size"]),
+        "pair_labels": [int(p) for _, _, p in pairs],
+        "pair_split": ["seen" if r.label in set(bench.seen_labels()) else "unseen" for r, _, _ in pairs],
+    }
+
+
+#: Settings of the analysis (override with ``profile.eval["analysis"]``).
+ANALYSIS_DEFAULTS = dict(batch_size=16, n_inter=4)
+
+
+def run_analysis(profile=None, out=None, seed: int = 0, methods=("zero-shot", "Fine-R1 (TAPO)"),
+                 progress: bool = False) -> dict:
+    """H1-H3 (paper §5.4) for the base model and Fine-R1 (any two ``METHODS``) on the seed's benchmark.
+
+    H1 (Table 4 left): linear probe of mean-pooled image-token states, trained on the train/rl/reference
+    images, tested on the test images (all classes). H2 (Table 4 right): per species, intra-genus minus
+    inter-genus cosine of name embeddings; paired t-test between the two models. H3 (Fig. 4): last-token state
+    of "<image> Is the <super> species <correct / sibling name>?", PCA, and how separable the two kinds are.
+    Returns ``{"h1": DataFrame, "h2": dict, "h2_gaps": {method: DataFrame}, "h3": {method: separability},
+    "h3_labels": [...]}``; ``analysis-seed{S}.json`` in the run folder holds the numbers.
+    """
+    import pandas as pd
+
+    from .analysis import compare_gaps, linear_probe, separability, taxonomy_gap
+
+    profile = get_profile(profile)
+    if len(methods) != 2:
+        raise ValueError(f"the analysis compares two methods (base, Fine-R1); got {list(methods)}")
+    bench = get_benchmark(profile, out, seed)
+    cfg = {**ANALYSIS_DEFAULTS, **profile.eval.get("analysis", {})}
+    genus_of = {r.label: r.genus for role in bench.records.values() for r in role}
+    super_of = {r.label: r.super_category for role in bench.records.values() for r in role}
+    feats = {}
+    for m in methods:
+        model, processor, _ = method_model(profile, out, seed, m, progress=progress)
+        feats[m] = _analysis_features(model, processor, bench, profile, seed)
+        del model
+    ytr = [r.label for role in ("train", "rl", "reference") for r in bench.records[role]]
+    yte = [r.label for r in bench.records["test"]]
+    seen = set(bench.seen_labels())
+    h1 = {}
+    for m, f in feats.items():
+        row = {"probe (all)": linear_probe(f["probe_train"], ytr, f["probe_test"], yte, seed=seed)}
+        for split in ("seen", "unseen"):
+            keep = [i for i, y in enumerate(yte) if (y in seen) == (split == "seen")]
+            row[f"probe ({split})"] = linear_probe(f["probe_train"], ytr, f["probe_test"][keep],
+                                                   [yte[i] for i in keep], seed=seed)
+        h1[m] = row
+    gaps = {m: taxonomy_gap(f["name_emb"], f["names"], genus_of, n_inter=cfg["n_inter"], seed=seed,
+                            super_of=super_of) for m, f in feats.items()}
+    a, b = methods
+    h2 = compare_gaps(gaps[a]["delta"].to_numpy(), gaps[b]["delta"].to_numpy())
+    h2 = {f"delta ({a})": h2["delta_a"], f"delta ({b})": h2["delta_b"], "t": h2["t"], "p": h2["p"],
+          "species": len(gaps[a])}
+    h3 = {m: separability(f["pairs"], f["pair_labels"], seed=seed) for m, f in feats.items()}
+    result = {"h1": pd.DataFrame(h1).T.round(2), "h2": h2, "h2_gaps": gaps, "h3": h3,
+              "h3_labels": feats[a]["pair_labels"], "h3_split": feats[a]["pair_split"]}
+    write_json(_run_dir(profile, out) / f"analysis-seed{seed}.json", {
+        "methods": list(methods), "h1": h1, "h2": h2,
+        "h3": {m: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in s.items() if k != "pca"}
+               for m, s in h3.items()}})
+    return result

@@ -99,7 +99,7 @@ _REAL_COT = dict(teacher="Qwen/Qwen2.5-VL-32B-Instruct", max_retries=5)
 PROFILES: dict[str, Profile] = {
     "cpu": Profile(name="cpu", pretrain=_CPU_PRETRAIN, concepts=_CPU_CONCEPTS, cot=_CPU_COT, sft=_CPU_SFT,
                    tapo=_CPU_TAPO,
-                   eval=dict(max_new_tokens=160, batch_size=32)),
+                   eval=dict(max_new_tokens=160, batch_size=32, seeds=(0,), clip=dict(preset="cpu"))),
     "smoke": Profile(name="smoke", test_per_class=2, rl_per_class=2, reference_per_class=2,
                      figures_in_repo=False,
                      pretrain=dict(_CPU_PRETRAIN, steps=20, batch_size=4, warmup=5, checkpoint_every=10),
@@ -107,7 +107,7 @@ PROFILES: dict[str, Profile] = {
                      sft=dict(_CPU_SFT, epochs=3),
                      tapo=dict(_CPU_TAPO, steps=2, prompts_per_step=2, max_new_tokens=96, max_retries=2,
                                generate_batch_size=20, checkpoint_every=1),
-                     eval=dict(max_new_tokens=160, batch_size=32)),
+                     eval=dict(max_new_tokens=160, batch_size=32, seeds=(0,), clip=dict(preset="smoke"))),
     "qwen2.5-vl-3b": Profile(name="qwen2.5-vl-3b", world="real", model="Qwen/Qwen2.5-VL-3B-Instruct",
                              image_size=448, data_root=str(DATA_DIR / "datasets"), dtype="bfloat16",
                              test_per_class=10**9, concepts=_REAL_CONCEPTS, cot=_REAL_COT, sft=_PAPER_SFT,
