@@ -28,7 +28,7 @@ tutorial: $(STAMP)
 
 # The tests: library tests + every notebook under nbval, in the smoke profile
 test: $(STAMP)
-	FINER1_PROFILE=smoke $(BIN)/python -m pytest -q -p no:cacheprovider tests --nbval-lax notebooks
+	FINER1_PROFILE=smoke $(BIN)/python -m pytest -q -p no:cacheprovider tests --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg notebooks
 
 # Rebuild the shipped base model (data/base_model); see README for its run time
 pretrain: $(STAMP)

@@ -430,6 +430,7 @@ def _analysis_features(model, processor, bench, profile: Profile, seed: int) -> 
                                [SUPER_CATEGORY_WORD[r.super_category] for r, _, _ in pairs],
                                [n for _, n, _ in pairs], batch_size=cfg["batch_size"]),
         "pair_labels": [int(p) for _, _, p in pairs],
+        "pair_groups": [r.image_id for r, _, _ in pairs],
         "pair_split": ["seen" if r.label in set(bench.seen_labels()) else "unseen" for r, _, _ in pairs],
     }
 
@@ -469,20 +470,17 @@ def run_analysis(profile=None, out=None, seed: int = 0, methods=("zero-shot", "F
     yte = [r.label for r in bench.records["test"]]
     seen = set(bench.seen_labels())
     h1 = {}
-    for m, f in feats.items():
-        row = {"probe (all)": linear_probe(f["probe_train"], ytr, f["probe_test"], yte, seed=seed)}
-        for split in ("seen", "unseen"):
-            keep = [i for i, y in enumerate(yte) if (y in seen) == (split == "seen")]
-            row[f"probe ({split})"] = linear_probe(f["probe_train"], ytr, f["probe_test"][keep],
-                                                   [yte[i] for i in keep], seed=seed)
-        h1[m] = row
+    split_of = ["seen" if y in seen else "unseen" for y in yte]
+    for m, f in feats.items():  # one fit per model, scored on all / seen / unseen test classes
+        acc = linear_probe(f["probe_train"], ytr, f["probe_test"], yte, seed=seed, groups=split_of)
+        h1[m] = {f"probe ({k})": acc[k] for k in ("all", "seen", "unseen")}
     gaps = {m: taxonomy_gap(f["name_emb"], f["names"], genus_of, n_inter=cfg["n_inter"], seed=seed,
                             super_of=super_of) for m, f in feats.items()}
     a, b = methods
     h2 = compare_gaps(gaps[a]["delta"].to_numpy(), gaps[b]["delta"].to_numpy())
     h2 = {f"delta ({a})": h2["delta_a"], f"delta ({b})": h2["delta_b"], "t": h2["t"], "p": h2["p"],
           "species": len(gaps[a])}
-    h3 = {m: separability(f["pairs"], f["pair_labels"], seed=seed) for m, f in feats.items()}
+    h3 = {m: separability(f["pairs"], f["pair_labels"], seed=seed, groups=f["pair_groups"]) for m, f in feats.items()}
     result = {"h1": pd.DataFrame(h1).T.round(2), "h2": h2, "h2_gaps": gaps, "h3": h3,
               "h3_labels": feats[a]["pair_labels"], "h3_split": feats[a]["pair_split"]}
     write_json(_run_dir(profile, out) / f"analysis-seed{seed}.json", {

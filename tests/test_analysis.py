@@ -71,6 +71,23 @@ def test_linear_probe_separable_and_random_labels():
     assert linear_probe(x_train, y_train, x_test, y_train, seed=3) == acc  # deterministic
 
 
+def test_linear_probe_groups_score_one_fit():
+    # classes 0-1 well separated, classes 2-3 share one centre: group "easy" ~100 %, "hard" ~50 %
+    rng = np.random.default_rng(0)
+    centres = np.array([[8.0, 0], [-8.0, 0], [0, 8.0], [0, 8.0]])
+    y = np.repeat(np.arange(4), 100)
+    x_train = centres[y] + rng.normal(0, 1, (400, 2))
+    x_test = centres[y] + rng.normal(0, 1, (400, 2))
+    groups = ["easy" if c < 2 else "hard" for c in y]
+    acc = linear_probe(x_train, y, x_test, y, groups=groups)
+    assert list(acc) == ["all", "easy", "hard"]
+    assert acc["easy"] >= 99.0 and 35.0 <= acc["hard"] <= 65.0
+    assert acc["all"] == pytest.approx((acc["easy"] + acc["hard"]) / 2)
+    assert acc["all"] == linear_probe(x_train, y, x_test, y)
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        linear_probe(x_train, y, x_test, y, groups=groups[:3])
+
+
 def test_linear_probe_bad_inputs():
     x, y = _gaussians(5, 2, 3, 1.0, 0)
     with pytest.raises(ValueError, match="train_x has 10 rows but train_y has 9"):
@@ -183,6 +200,23 @@ def test_separability_clusters_and_noise():
     assert len(axes[1].collections) == 2  # negatives and positives
     with pytest.raises(ValueError, match="titles"):
         plot_pca({"base": same}, labels, titles=["a", "b"])
+
+
+def test_separability_groups_keep_an_images_pairs_together():
+    # each "image" gives one positive and one negative pair with (nearly) the same features: no label signal.
+    # Folds that split an image's two rows make the classifier learn image identity -> below chance;
+    # grouped folds give about chance.
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (60, 16))
+    x = np.repeat(images, 2, axis=0) + rng.normal(0, 0.01, (120, 16))
+    labels = np.tile([1, 0], 60)
+    groups = np.repeat(np.arange(60), 2)
+    grouped = separability(x, labels, groups=groups)
+    assert 0.35 <= grouped["full_accuracy"] <= 0.65
+    assert separability(x, labels)["full_accuracy"] < grouped["full_accuracy"]
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        separability(x, labels, groups=groups[:3])
+
 
 
 def _record(i, label, genus, sup="bird"):

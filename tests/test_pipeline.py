@@ -110,3 +110,24 @@ def test_cli_pretrain_smoke_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     rows = (tmp_path / "pretrain_log.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and rows[-1].startswith("6,")
+
+
+def test_clip_baseline_and_analysis_glue(profile, tmp_path):
+    """The CLIP-style row of the evaluation and the H1-H3 analysis, through the run folder (tiny sizes)."""
+    df = pipeline.evaluate_method(profile, tmp_path, 0, "CLIP-style dual encoder")
+    bench = pipeline.get_benchmark(profile, tmp_path, 0)
+    assert (tmp_path / "clip-seed0" / "eval.csv").is_file() and set(df["mode"]) == {"closed"}
+    assert len(df) == len(bench.eval_rows) and df["correct"].isin([0, 1]).all()
+
+    with pytest.raises(ValueError, match="compares two methods"):
+        pipeline.run_analysis(profile, tmp_path, 0, methods=("zero-shot",))
+    # the same base model twice: identical H1 rows, zero H2 difference, identical H3 scores
+    res = pipeline.run_analysis(profile, tmp_path, 0, methods=("zero-shot", "zero-shot + step by step"))
+    h1 = res["h1"]
+    assert list(h1.columns) == ["probe (all)", "probe (seen)", "probe (unseen)"]
+    assert h1.iloc[0].tolist() == h1.iloc[1].tolist() and ((h1 >= 0) & (h1 <= 100)).all().all()
+    assert res["h2"]["species"] == 16 and res["h2"]["delta (zero-shot)"] == res["h2"]["delta (zero-shot + step by step)"]
+    a, b = res["h3"].values()
+    assert a["full_accuracy"] == b["full_accuracy"] and sorted(set(res["h3_labels"])) == [0, 1]
+    saved = json.loads((tmp_path / "analysis-seed0.json").read_text())
+    assert saved["methods"] == ["zero-shot", "zero-shot + step by step"] and set(saved["h3"]) == set(saved["methods"])
