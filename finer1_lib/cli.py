@@ -121,6 +121,12 @@ def _analyze(args) -> int:
         print("H3:", json.dumps({m: {k: v for k, v in s.items() if k in ("pca2_accuracy", "full_accuracy",
                                                                            "silhouette")}
                                  for m, s in res["h3"].items()}, default=float))
+    if len(args.seeds or []) > 1:
+        from .pipeline import analysis_summary
+
+        summary = analysis_summary(args.profile, args.out or None, args.seeds)
+        print(f"seeds {args.seeds} (mean ± std):\n{summary.to_string()}\nH2 paired t-tests per seed: "
+              f"{json.dumps(summary.attrs['h2_tests'])}")
     return 0
 
 

@@ -178,14 +178,14 @@ def shipping_metrics(model_dir, out=None, progress: bool = False) -> dict:
     return metrics
 
 
-def mean_std(tables: dict[int, "pd.DataFrame"]) -> "pd.DataFrame":
+def mean_std(tables: dict[int, "pd.DataFrame"], decimals: int = 1) -> "pd.DataFrame":
     """Per-seed tables (same rows and columns) -> one table of "mean ± std" strings (std over seeds, ddof 0)."""
     import pandas as pd
 
     long = pd.concat(tables, names=["seed", "method"])
     grouped = long.groupby(level="method", sort=False)
     mean, std = grouped.mean(), grouped.std(ddof=0)
-    return mean.round(1).astype(str) + " ± " + std.round(1).astype(str)
+    return mean.round(decimals).astype(str) + " ± " + std.round(decimals).astype(str)
 
 
 def sft_comparison(profile=None, out=None, seeds=(0, 1, 2), progress: bool = False) -> "pd.DataFrame":
@@ -488,3 +488,33 @@ def run_analysis(profile=None, out=None, seed: int = 0, methods=("zero-shot", "F
         "h3": {m: {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in s.items() if k != "pca"}
                for m, s in h3.items()}})
     return result
+
+
+def analysis_summary(profile=None, out=None, seeds=(0,)) -> "pd.DataFrame":
+    """H1-H3 of several seeds (``analysis-seed{S}.json``, written by :func:`run_analysis`) as mean ± std:
+    probe accuracy (%), the H2 gap Δ = intra − inter genus cosine, H3 cross-validated accuracy (%) and
+    silhouette of positive vs negative pairs. The per-seed paired t-tests of H2 are in ``.attrs["h2_tests"]``."""
+    import json
+
+    import pandas as pd
+
+    tables, tests = {}, {}
+    for seed in seeds:
+        path = _run_dir(get_profile(profile), out) / f"analysis-seed{seed}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run `python -m finer1_lib analyze --seed {seed}` first")
+        res = json.loads(path.read_text())
+        tables[seed] = pd.DataFrame({m: {**{f"H1 {k}": v for k, v in res["h1"][m].items()},
+                                         "H2 delta": res["h2"][f"delta ({m})"],
+                                         "H3 PCA-2 acc": 100 * res["h3"][m]["pca2_accuracy"],
+                                         "H3 full acc": 100 * res["h3"][m]["full_accuracy"],
+                                         "H3 silhouette": res["h3"][m]["silhouette"]}
+                                     for m in res["methods"]}).T
+        tests[seed] = {"t": res["h2"]["t"], "p": res["h2"]["p"]}
+    grouped = pd.concat(tables, names=["seed", "method"]).groupby(level="method", sort=False)
+    mean, std = grouped.mean(), grouped.std(ddof=0)
+    summary = pd.DataFrame({c: [f"{a:.{3 if c in ('H2 delta', 'H3 silhouette') else 1}f} ± "
+                                f"{b:.{3 if c in ('H2 delta', 'H3 silhouette') else 1}f}"
+                                for a, b in zip(mean[c], std[c])] for c in mean.columns}, index=mean.index)
+    summary.attrs["h2_tests"] = tests
+    return summary

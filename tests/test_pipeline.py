@@ -131,3 +131,25 @@ def test_clip_baseline_and_analysis_glue(profile, tmp_path):
     assert a["full_accuracy"] == b["full_accuracy"] and sorted(set(res["h3_labels"])) == [0, 1]
     saved = json.loads((tmp_path / "analysis-seed0.json").read_text())
     assert saved["methods"] == ["zero-shot", "zero-shot + step by step"] and set(saved["h3"]) == set(saved["methods"])
+
+
+def test_analysis_summary_over_seeds(tmp_path):
+    def result(shift):
+        return {"methods": ["zero-shot", "Fine-R1 (TAPO)"],
+                "h1": {m: {"probe (all)": 10.0 + shift + i, "probe (seen)": 20.0, "probe (unseen)": 5.0}
+                       for i, m in enumerate(["zero-shot", "Fine-R1 (TAPO)"])},
+                "h2": {"delta (zero-shot)": 0.01 + shift / 100, "delta (Fine-R1 (TAPO))": 0.05, "t": -2.0 - shift,
+                       "p": 0.05, "species": 96},
+                "h3": {m: {"pca2_accuracy": 0.5, "full_accuracy": 0.6 + shift / 10, "silhouette": 0.0}
+                       for m in ["zero-shot", "Fine-R1 (TAPO)"]}}
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        (tmp_path / f"analysis-seed{seed}.json").write_text(json.dumps(result(shift)))
+    table = pipeline.analysis_summary("smoke", tmp_path, seeds=(0, 1))
+    assert list(table.index) == ["zero-shot", "Fine-R1 (TAPO)"]
+    assert table.loc["zero-shot", "H1 probe (all)"] == "11.0 ± 1.0"
+    assert table.loc["Fine-R1 (TAPO)", "H1 probe (all)"] == "12.0 ± 1.0"
+    assert table.loc["zero-shot", "H2 delta"] == "0.020 ± 0.010"
+    assert table.loc["zero-shot", "H3 full acc"] == "70.0 ± 10.0"
+    assert table.attrs["h2_tests"] == {0: {"t": -2.0, "p": 0.05}, 1: {"t": -4.0, "p": 0.05}}
+    with pytest.raises(FileNotFoundError, match="analysis-seed2.json is missing"):
+        pipeline.analysis_summary("smoke", tmp_path, seeds=(2,))
