@@ -139,13 +139,20 @@ def _tutorial(args) -> int:
     return 0
 
 
-@stage("bench", "benchmarks: `bench generate` (rollout tokens/s, peak memory), `bench tapo` (TAPO/DAPO step time)")
+@stage("bench", "benchmarks: `bench generate` (rollout tokens/s, peak memory), `bench tapo` (TAPO/DAPO step time), "
+                "`bench train` (GPU memory of full / LoRA / QLoRA at the real size)")
 def _bench(args) -> int:
     from .bench import bench_generate
     from .tapo import bench_tapo
 
-    result = {"generate": bench_generate, "tapo": bench_tapo}[args.what](args.profile, args.out or None,
-                                                                          seed=args.seed)
+    if args.what == "train":
+        from .bench import bench_train
+
+        result = bench_train(args.size, args.out or None, modes=args.modes, batch_size=args.batch_size,
+                             steps=args.steps, seed=args.seed)
+    else:
+        result = {"generate": bench_generate, "tapo": bench_tapo}[args.what](args.profile, args.out or None,
+                                                                              seed=args.seed)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -185,7 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                            help=f"rows of the table (default all: {', '.join(METHODS)})")
         if name == "bench":
-            p.add_argument("what", choices=["generate", "tapo"], help="what to benchmark")
+            from .bench import TRAIN_MODES
+            from .model import REAL_SIZES, TINY_SIZES
+
+            p.add_argument("what", choices=["generate", "tapo", "train"], help="what to benchmark")
+            p.add_argument("--size", default="qwen2.5-vl-3b", choices=sorted(REAL_SIZES) + sorted(TINY_SIZES),
+                           help="train: model architecture (random weights)")
+            p.add_argument("--modes", nargs="+", default=list(TRAIN_MODES), choices=list(TRAIN_MODES),
+                           help="train: full (fp32 master, bf16 autocast), full-bf16, lora, qlora")
+            p.add_argument("--batch-size", type=int, default=4, help="train: sequences per step")
+            p.add_argument("--steps", type=int, default=4, help="train: optimizer steps per mode")
         if name == "tutorial":
             p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 00 01")
     return parser

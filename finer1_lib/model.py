@@ -273,6 +273,45 @@ def build_tiny_model(tokenizer, size: str = "tiny-3m", seed: int = 0) -> Qwen2_5
     return model.eval()
 
 
+#: The architecture of the released checkpoints (config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct):
+#: random-weight stand-ins of the real size measure GPU memory and speed without a download (``bench train``).
+REAL_SIZES: dict[str, dict] = {
+    "qwen2.5-vl-3b": dict(
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+        vision=dict(out_hidden_size=2048)),
+    "qwen2.5-vl-7b": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+        vision=dict(out_hidden_size=3584)),
+}
+_REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def build_real_size_config(tokenizer, name: str) -> Qwen2_5_VLConfig:
+    """A Qwen2_5_VLConfig with the layer sizes of a released Qwen2.5-VL (``REAL_SIZES``) and ``tokenizer``'s
+    special-token ids; the vocabulary keeps the released size (the tokenizer's ids all fall inside it)."""
+    if name not in REAL_SIZES:
+        raise KeyError(f"unknown real size {name!r}; choose one of {sorted(REAL_SIZES)}")
+    text, vision = dict(REAL_SIZES[name]["text"]), dict(_REAL_VISION, **REAL_SIZES[name]["vision"])
+    if len(tokenizer) > text["vocab_size"]:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than {name}'s vocabulary {text['vocab_size']}")
+    ids = tokenizer.convert_tokens_to_ids
+    tie = text.pop("tie_word_embeddings")
+    text_config = dict(**text, max_position_embeddings=128000,
+                       rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+                       bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie)
+    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=vision,
+                              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                              tie_word_embeddings=tie)
+    config.bos_token_id, config.eos_token_id = text_config["bos_token_id"], text_config["eos_token_id"]
+    config.pad_token_id = text_config["pad_token_id"]
+    return config
+
+
 def count_parameters(model, trainable_only: bool = False) -> int:
     """Number of (unique) parameters; tied embeddings count once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -376,7 +415,8 @@ def load_model(
 
     ``lora=dict(r=..., alpha=..., target_modules=[...], dropout=0.0)`` wraps the model with peft;
     ``load_in_4bit=True`` quantises the text tower's linear layers to nf4 with bitsandbytes (QLoRA when
-    combined). ``dtype=None`` keeps the checkpoint's dtype (transformers 5 loads with dtype="auto").
+    combined). ``dtype=None`` keeps the checkpoint's dtype (transformers 5 loads with dtype="auto");
+    ``device=None`` puts the model on the GPU when there is one.
     """
     name = str(name_or_path)
     local = _is_local_path(name)
@@ -421,6 +461,8 @@ def load_model(
             kwargs["device_map"] = {"": "cpu"}
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, **kwargs)
+    if device is None and not load_in_4bit and torch.cuda.is_available():
+        device = "cuda"  # every stage (generation, rescoring, TAPO, probes) runs where the weights are
     processor = load_processor(name, min_pixels=min_pixels, max_pixels=max_pixels)
     if device is not None and not load_in_4bit:
         model = model.to(device)

@@ -37,12 +37,24 @@ def get_benchmark(profile=None, out=None, seed: int = 0, progress: bool = False)
     return build_benchmark(profile, path, seed, progress=progress)
 
 
-def load_base_model(profile=None):
-    """(model, processor) of the profile's base model (the shipped tiny model, or Qwen2.5-VL by hub id/folder)."""
+def training_dtype(profile=None, lora: bool = False) -> str | None:
+    """The dtype to load a model in for training: full fine-tuning keeps fp32 master weights and AdamW states
+    and computes in bf16 only through autocast (as the official ZeRO-3 / FSDP bf16 runs do). AdamW on bf16
+    weights rounds away any update below ~2^-9 of a weight, i.e. nearly every update at lr 5e-6 (SFT) or 1e-6
+    (TAPO). LoRA trains fp32 adapters on a frozen base, which stays in the profile's dtype."""
+    profile = get_profile(profile)
+    if profile.dtype == "float32":
+        return None  # the checkpoint's own (fp32) weights
+    return profile.dtype if lora else "float32"
+
+
+def load_base_model(profile=None, train: bool = False, lora: bool = False):
+    """(model, processor) of the profile's base model (the shipped tiny model, or Qwen2.5-VL by hub id/folder);
+    ``train=True`` loads it for training (:func:`training_dtype`)."""
     from .model import load_model
 
     profile = get_profile(profile)
-    dtype = None if profile.dtype == "float32" else profile.dtype
+    dtype = training_dtype(profile, lora) if train else (None if profile.dtype == "float32" else profile.dtype)
     return load_model(profile.model, dtype=dtype)
 
 
@@ -148,7 +160,7 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     if cfg.get("replay") and profile.world == "micro":
         examples += replay_examples(World(profile.world_seed, profile.image_size, profile.n_genera),
                                     round(cfg["replay"] * len(examples)), seed)
-    model, processor = load_base_model(profile)
+    model, processor = load_base_model(profile, train=True, lora=bool(cfg.get("lora")))
     if cfg.get("lora"):
         from .model import _wrap_lora
 
@@ -216,6 +228,7 @@ def tapo_config(profile=None, seed: int = 0, variant: str = "tapo", n_triplets: 
         if not n_triplets:
             raise ValueError(f"profile {profile.name!r} gives TAPO epochs: the number of triplets is needed")
         cfg["steps"] = max(1, math.ceil(profile.tapo["epochs"] * n_triplets / cfg.get("prompts_per_step", 8)))
+    cfg.setdefault("bf16_autocast", profile.dtype == "bfloat16")  # fp32 weights, bf16 compute (training_dtype)
     return TapoConfig.variant(variant, **{**cfg, **overrides, "seed": seed})
 
 
@@ -267,8 +280,7 @@ def run_tapo(profile=None, out=None, seed: int = 0, variant: str = "tapo", progr
         if summary.get("steps") == cfg.steps:
             return {**summary, "model": str(folder / "model"), "reused": True}
     sft = run_sft(profile, out, seed, "cot", progress=progress)
-    dtype = None if profile.dtype == "float32" else profile.dtype
-    model, processor = load_model(sft["model"], dtype=dtype)
+    model, processor = load_model(sft["model"], dtype=training_dtype(profile))  # fp32 master weights
     summary = TapoTrainer(model, processor, bench, cfg, folder).train(progress=progress)
     return {**summary, "model": str(folder / "model")}
 

@@ -94,12 +94,13 @@ def _load_weights(model, checkpoint: str) -> None:
 
 
 def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path, cfg: dict | None = None, *,
-              resume: bool = True, progress: bool = True, max_steps: int | None = None) -> dict:
+              resume: bool = True, progress: bool = True, max_steps: int | None = None, save: bool = True) -> dict:
     """Fine-tune ``model`` on ``examples``; checkpoints in ``out/checkpoint-*``, final model in ``out/model``.
 
     Rerunning with the same ``out`` resumes from the last checkpoint (optimizer, scheduler, RNG and data order
     restored by the Trainer). Returns a summary (steps, seconds, final loss) also written to ``out/sft.json``;
-    the loss log goes to ``out/sft_log.csv``.
+    the loss log goes to ``out/sft_log.csv``. A QLoRA model (4-bit base) saves its adapter in ``out/adapter``;
+    ``save=False`` skips the final save (benchmarks).
     """
     cfg = {**SFT_DEFAULTS, **(cfg or {})}
     out = Path(out)
@@ -128,6 +129,7 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=not progress,
+        gradient_checkpointing=cfg.get("gradient_checkpointing", False),  # real sizes on small GPUs
         use_cpu=not torch.cuda.is_available(),
     )
     log = _LogCallback()
@@ -144,7 +146,11 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
     model.eval()
-    save_model(trainer.model, processor, out / "model")
+    if save and getattr(getattr(trainer.model, "get_base_model", lambda: None)(), "is_loaded_in_4bit", False):
+        trainer.model.save_pretrained(out / "adapter")  # QLoRA: a 4-bit base cannot be merged losslessly
+        processor.save_pretrained(out / "adapter")
+    elif save:
+        save_model(trainer.model, processor, out / "model")
     history = pd.DataFrame(log.rows)
     if last and (out / "sft_log.csv").is_file():  # keep the log of the interrupted part
         history = pd.concat([pd.read_csv(out / "sft_log.csv"), history]).drop_duplicates("step", keep="last")

@@ -120,6 +120,8 @@ class TapoConfig:
     # paper vs official code
     entropy_neg_grad: bool = True
     positive_update_image: str = "anchor"
+    # precision: fp32 weights and AdamW states, forward passes in bf16 (the real profiles; see pipeline)
+    bf16_autocast: bool = False
 
     def __post_init__(self):
         if self.n1 < 0 or self.n2 < 0 or self.n1 + self.n2 < 2:
@@ -517,6 +519,11 @@ class TapoTrainer:
 
     def step(self, step: int) -> dict:
         """One TAPO step (rollouts, dynamic sampling, old log-probs, updates); returns its log row."""
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
+            return self._step(step)
+
+    def _step(self, step: int) -> dict:
         _sync()
         t0 = time.perf_counter()
         groups, info = self.rollout(step)

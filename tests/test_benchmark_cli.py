@@ -333,3 +333,20 @@ def test_add_result_writes_a_section(tmp_path, monkeypatch):
     monkeypatch.setenv("FINER1_RUN_DIR", str(tmp_path / "run"))  # default: the current run folder
     assert add_result("03_x", "text") == tmp_path / "run" / "results" / "03_x.md"
     assert (tmp_path / "run" / "results" / "03_x.md").read_text() == "text\n"
+
+
+def test_bench_train_reports_each_mode_on_a_tiny_size(tmp_path):
+    """`bench train` (README "Which GPU") through the real load/SFT/generate calls, at a tiny size on CPU."""
+    import json
+
+    from finer1_lib.bench import bench_train
+
+    r = bench_train("tiny-3m", tmp_path, modes=("full", "lora", "qlora"), batch_size=1, response_words=30,
+                    image_size=56, steps=1, rollouts=(1, 2), max_new_tokens=4)
+    rows = {row["mode"]: row for row in r["train"]}
+    assert rows["qlora"]["error"] == "4-bit needs a CUDA GPU"
+    assert rows["full"]["trainable_b"] == rows["full"]["params_b"] > 0
+    assert 0 < rows["lora"]["trainable_b"] < rows["lora"]["params_b"]
+    assert all(row["seconds_per_step"] > 0 and row["loss"] > 0 for m, row in rows.items() if m != "qlora")
+    assert r["sequence_tokens"] > 30 and 0 < r["generate"]["generated_tokens"] <= 2 * 4
+    assert json.loads((tmp_path / "bench_train.json").read_text())["train"][0]["mode"] == "full"

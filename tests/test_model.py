@@ -249,3 +249,24 @@ def test_missing_model_says_how_to_get_it(name):
     assert name in message
     assert "huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --local-dir" in message
     assert "load_model(" in message
+
+
+def test_real_size_configs_match_the_released_parameter_counts(tiny):
+    """`bench train` stands in for Qwen2.5-VL-3B/7B with these configs: 3.75 B and 8.29 B parameters."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from finer1_lib.model import REAL_SIZES, build_real_size_config
+
+    expected = {"qwen2.5-vl-3b": (3.7546e9, 0.6687e9), "qwen2.5-vl-7b": (8.2922e9, 0.6766e9)}
+    assert set(REAL_SIZES) == set(expected)
+    for name, (total, vision) in expected.items():
+        cfg = build_real_size_config(tiny[0], name)
+        assert cfg.image_token_id == tiny[0].convert_tokens_to_ids("<|image_pad|>")
+        text = cfg.text_config
+        assert sum(text.rope_parameters["mrope_section"]) == text.hidden_size // text.num_attention_heads // 2
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+        assert count_parameters(model) == pytest.approx(total, rel=1e-4)
+        assert sum(p.numel() for p in model.model.visual.parameters()) == pytest.approx(vision, rel=1e-3)
+    with pytest.raises(KeyError, match="unknown real size"):
+        build_real_size_config(tiny[0], "qwen2.5-vl-72b")

@@ -88,3 +88,45 @@ def test_replay_examples_are_deterministic():
     a = sft.replay_examples(WORLD, 6, seed=1)
     b = sft.replay_examples(WORLD, 6, seed=1)
     assert [(x.prompt, x.response) for x in a] == [(x.prompt, x.response) for x in b]
+
+
+def test_save_false_writes_no_model_and_qlora_saves_its_adapter(processor, tmp_path):
+    """A 4-bit base cannot be merged: QLoRA SFT keeps its adapter (out/adapter), loadable with peft."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed")
+    from peft import PeftModel
+
+    from finer1_lib.model import save_model
+
+    folder = save_model(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, tmp_path / "base")
+    cfg = dict(CFG, epochs=1, gradient_checkpointing=True)
+    model, _ = load_model(folder)
+    s = sft.train_sft(model, processor, _examples(4), tmp_path / "plain", cfg, progress=False, save=False)
+    assert s["steps"] == 1 and not (tmp_path / "plain" / "model").exists()
+
+    model, _ = load_model(folder, load_in_4bit=True, lora=dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    sft.train_sft(model, processor, _examples(8), tmp_path / "qlora", cfg, progress=False)  # step 1: lr 0 (warm-up)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # grads flow
+    assert (tmp_path / "qlora" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "qlora" / "model").exists()
+    base, _ = load_model(folder, load_in_4bit=True)
+    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "qlora" / "adapter"), PeftModel)
+
+
+def test_full_fine_tuning_loads_fp32_master_weights_on_bf16_profiles():
+    """Why (pipeline.training_dtype): AdamW on bf16 weights rounds a 5e-6 step on a 0.02 weight away."""
+    from finer1_lib.pipeline import tapo_config, training_dtype
+    from finer1_lib.profiles import PROFILES
+
+    moved = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        w = torch.nn.Parameter(torch.full((4,), 0.02, dtype=dtype))
+        w.grad = torch.ones_like(w)
+        torch.optim.AdamW([w], lr=5e-6, weight_decay=0.0).step()  # Adam's first step moves each weight by lr
+        moved[dtype] = (torch.full((4,), 0.02, dtype=dtype) - w.detach()).double().abs().max().item()
+    assert moved[torch.bfloat16] == 0.0 and moved[torch.float32] == pytest.approx(5e-6, rel=1e-2)
+    real = PROFILES["qwen2.5-vl-3b"]
+    assert training_dtype(real) == "float32" and training_dtype(real, lora=True) == "bfloat16"
+    assert training_dtype(PROFILES["cpu"]) is None
+    assert real.sft["bf16"] and tapo_config(real, n_triplets=10).bf16_autocast
+    assert not tapo_config(PROFILES["cpu"]).bf16_autocast

@@ -450,3 +450,16 @@ def test_a_step_with_real_sampling(setup):
     row = TapoTrainer(model, processor, bench, cfg).step(0)
     assert row["kept_groups"] == 2 and row["accuracy"] == 0.0 and 1 <= row["response_len"] <= 6
     assert all(math.isfinite(row[k]) for k in ("loss", "kl", "entropy", "entropy_neg", "grad_norm"))
+
+
+def test_bf16_autocast_step_keeps_fp32_master_weights(setup):
+    """The real profiles' precision: bf16 compute through autocast, fp32 weights that the update moves."""
+    bench, processor, tokenizer = setup
+    model = _model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, max_new_tokens=6, dynamic_sampling=False, bf16_autocast=True,
+                     lr=1e-6)
+    row = TapoTrainer(model, processor, bench, cfg).step(0)
+    assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # lr 1e-6 still moves fp32
