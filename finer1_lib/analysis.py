@@ -132,7 +132,8 @@ def image_token_features(
 def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0, groups=None):
     """Test accuracy (%) of a linear classifier trained on ``train_x`` (Table 4 left).
 
-    Standardisation + multinomial logistic regression (L-BFGS, L2, C = 1): a simpler, deterministic stand-in
+    Standardisation + multinomial logistic regression (L2, C = 1; Newton-CG reaches the optimum in ~20
+    iterations where L-BFGS needed ~900): a simpler, deterministic stand-in
     for the paper's linear layer trained 500 epochs with Adam, where the best test accuracy is reported.
     ``groups`` (one name per test row, e.g. "seen"/"unseen") adds the accuracy of each group from the same fit:
     the result is then ``{"all": acc, group: acc, ...}``.
@@ -154,7 +155,7 @@ def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0, groups=None):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(solver="newton-cg", max_iter=2000, random_state=seed))
     clf.fit(train_x, train_y)
     hit = clf.predict(test_x) == test_y
     if groups is None:
@@ -401,7 +402,7 @@ def separability(features, labels, seed: int = 0, groups=None) -> dict:
           else StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed))
 
     def cv_accuracy(data):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, random_state=seed))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(solver="newton-cg", max_iter=5000, random_state=seed))
         return float(cross_val_score(clf, data, y, groups=groups, cv=cv, scoring="accuracy").mean())
 
     return {

@@ -19,9 +19,10 @@ from .benchmark import Benchmark, build_benchmark, load_benchmark
 from .io import write_json
 from .profiles import Profile, current_run_dir, get_profile
 
-__all__ = ["get_benchmark", "load_base_model", "run_concepts", "run_cot", "run_sft", "sft_samples", "shipping_metrics",
-           "sft_comparison", "run_tapo", "tapo_config", "METHODS", "method_model", "evaluate_method", "compare_methods",
-           "tapo_ablation", "tapo_ratios", "RATIOS", "mean_std", "run_analysis", "ANALYSIS_DEFAULTS", "run_clip"]
+__all__ = ["get_benchmark", "load_base_model", "training_dtype", "run_concepts", "run_cot", "run_sft", "sft_samples",
+           "shipping_metrics", "sft_comparison", "run_tapo", "tapo_config", "METHODS", "method_model",
+           "evaluate_method", "evaluate_methods", "compare_methods", "tapo_ablation", "tapo_ratios", "RATIOS",
+           "mean_std", "run_analysis", "ANALYSIS_DEFAULTS", "run_clip"]
 
 
 def _run_dir(profile: Profile, out) -> Path:
@@ -337,6 +338,23 @@ def method_model(profile=None, out=None, seed: int = 0, method: str = "Fine-R1 (
     return model, processor, Path(summary["model"]).parent
 
 
+def _eval_cache(profile: Profile, out, seed: int, method: str) -> Path:
+    """Where ``evaluate_method`` caches a method's evaluation (next to the model it evaluates)."""
+    think = METHODS[method][1] if method in METHODS else False
+    key = METHODS[method][0] if method in METHODS else method
+    if key == "base":
+        folder = get_benchmark(profile, out, seed).root
+        return folder / ("eval-zero-shot-step-by-step.csv" if think else "eval-zero-shot.csv")
+    if key == "clip":
+        return _run_dir(profile, out) / f"clip-seed{seed}" / "eval.csv"
+    if key.startswith("sft-"):
+        return _run_dir(profile, out) / f"sft-{key[4:]}-seed{seed}" / "eval.csv"
+    if not key.startswith("tapo-"):
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)} or 'tapo-<variant>'")
+    variant, n1, n2 = _tapo_key(key)
+    return _run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2) / "eval.csv"
+
+
 def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-shot", progress: bool = False,
                     force: bool = False) -> "pd.DataFrame":
     """Closed- and open-world evaluation of one method on the seed's benchmark (``evaluate.evaluate_model``),
@@ -349,19 +367,7 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
     profile = get_profile(profile)
     think = METHODS[method][1] if method in METHODS else False
     key = METHODS[method][0] if method in METHODS else method
-    if key == "base":
-        folder = get_benchmark(profile, out, seed).root
-        cache = folder / ("eval-zero-shot-step-by-step.csv" if think else "eval-zero-shot.csv")
-    elif key == "clip":
-        cache = _run_dir(profile, out) / f"clip-seed{seed}" / "eval.csv"
-    else:
-        if key.startswith("sft-"):
-            name = f"sft-{key[4:]}-seed{seed}"
-        else:
-            variant, n1, n2 = _tapo_key(key)
-            name = _tapo_folder(variant, seed, n1, n2)
-        folder = _run_dir(profile, out) / name
-        cache = folder / "eval.csv"
+    cache = _eval_cache(profile, out, seed, method)
     if cache.is_file() and not force:
         return pd.read_csv(cache, keep_default_na=False, dtype={"output": str, "prediction": str},
                            converters={"SS": lambda v: float(v) if v != "" else float("nan")})
@@ -380,6 +386,28 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
     return df
 
 
+def evaluate_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS), progress: bool = False
+                     ) -> dict[tuple[int, str], "pd.DataFrame"]:
+    """``evaluate_method`` for every (seed, method); the ones not cached yet are trained and evaluated side by
+    side (``parallel.run_parallel``: one core each on a CPU), after what they share (benchmark, CoT data,
+    CoT SFT) is built once. The CLIP-style baseline (convolutions that use every core well) runs here, after.
+    Returns ``{(seed, method): frame}``."""
+    from .parallel import run_parallel, workers_for
+
+    profile = get_profile(profile)
+    todo = {(s, m): dict(profile=profile, out=out, seed=s, method=m) for s in seeds for m in methods
+            if not _eval_cache(profile, out, s, m).is_file() and METHODS.get(m, ("",))[0] != "clip"}
+    if workers_for(len(todo)) > 1:
+        for seed in sorted({s for s, _ in todo}):
+            keys = [METHODS[m][0] if m in METHODS else m for s, m in todo if s == seed]
+            if any(k.startswith(("sft-", "tapo-")) for k in keys):
+                sft_samples(profile, out, seed, "cot")  # concepts + CoT data (both SFT sets)
+            if any(k.startswith("tapo-") for k in keys):
+                run_sft(profile, out, seed, "cot", progress=False)  # every TAPO run starts from it
+        run_parallel(evaluate_method, todo, progress=progress)
+    return {(s, m): evaluate_method(profile, out, s, m, progress=progress) for s in seeds for m in methods}
+
+
 def compare_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS), progress: bool = False,
                     csv_name: str | None = None) -> "pd.DataFrame":
     """``evaluate.compare`` of several methods (trained and evaluated as needed, cached) over seeds: one row per
@@ -390,8 +418,8 @@ def compare_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS), 
     from .io import atomic_write_text
 
     profile = get_profile(profile)
-    tables = {s: compare({m: evaluate_method(profile, out, s, m, progress=progress) for m in methods})
-              for s in seeds}
+    frames = evaluate_methods(profile, out, seeds, methods, progress=progress)
+    tables = {s: compare({m: frames[s, m] for m in methods}) for s in seeds}
     if csv_name:
         atomic_write_text(_run_dir(profile, out) / csv_name,
                           pd.concat(tables, names=["seed", "method"]).to_csv())
