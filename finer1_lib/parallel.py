@@ -1,10 +1,13 @@
 """Independent runs side by side on a multi-core CPU: spawned worker processes share out the cores.
 
-On the tiny model one process does not use two cores well (2 threads: 1.36x the generation speed of one
-thread, 1.5x for a TAPO step, on the 2-core reference machine), so two runs with one core each finish
-sooner than the same runs one after another with two cores each. Results are identical: the tiny model's
-generation and TAPO updates are bit-identical with 1 or 2 threads (checked on the cpu profile). On a GPU,
-or with ``FINER1_WORKERS=1``, jobs run one after another in this process.
+On the tiny model one process does not use two cores well for generation (2 threads: 1.36x the speed of
+one thread, 1.5x for a TAPO step, 1.1x for the CLIP-style baseline's training, on the 2-core reference
+machine), so two such runs with one core each finish sooner than the same runs one after another with two
+cores each. Batched SFT uses both cores well:
+two SFT runs side by side took longer than in turn (notebook 03), so the pipeline trains them in its own
+process. Results are identical: the tiny model's generation, TAPO updates and SFT are bit-identical with
+1 or 2 threads (checked on the cpu profile). On a GPU, or with ``FINER1_WORKERS=1``, jobs run one after
+another in this process.
 """
 from __future__ import annotations
 

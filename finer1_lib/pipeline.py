@@ -390,20 +390,23 @@ def evaluate_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS),
                      ) -> dict[tuple[int, str], "pd.DataFrame"]:
     """``evaluate_method`` for every (seed, method); the ones not cached yet are trained and evaluated side by
     side (``parallel.run_parallel``: one core each on a CPU), after what they share (benchmark, CoT data,
-    CoT SFT) is built once. The CLIP-style baseline (convolutions that use every core well) runs here, after.
+    SFT models) is built here: batched SFT uses every core well and runs in this process, while generation-bound
+    work (TAPO rollouts, evaluation) and the CLIP-style baseline gain from one core per job.
     Returns ``{(seed, method): frame}``."""
     from .parallel import run_parallel, workers_for
 
     profile = get_profile(profile)
     todo = {(s, m): dict(profile=profile, out=out, seed=s, method=m) for s in seeds for m in methods
-            if not _eval_cache(profile, out, s, m).is_file() and METHODS.get(m, ("",))[0] != "clip"}
+            if not _eval_cache(profile, out, s, m).is_file()}
     if workers_for(len(todo)) > 1:
         for seed in sorted({s for s, _ in todo}):
             keys = [METHODS[m][0] if m in METHODS else m for s, m in todo if s == seed]
             if any(k.startswith(("sft-", "tapo-")) for k in keys):
                 sft_samples(profile, out, seed, "cot")  # concepts + CoT data (both SFT sets)
-            if any(k.startswith("tapo-") for k in keys):
-                run_sft(profile, out, seed, "cot", progress=False)  # every TAPO run starts from it
+            # SFT uses both cores well (batched forward/backward); TAPO runs start from the CoT SFT model
+            for data in sorted({k[4:] for k in keys if k.startswith("sft-")}
+                               | ({"cot"} if any(k.startswith("tapo-") for k in keys) else set())):
+                run_sft(profile, out, seed, data, progress=False)
         run_parallel(evaluate_method, todo, progress=progress)
     return {(s, m): evaluate_method(profile, out, s, m, progress=progress) for s in seeds for m in methods}
 
