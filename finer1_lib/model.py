@@ -348,6 +348,11 @@ def _is_local_path(name: str) -> bool:
         or name.count("/") > 1
 
 
+def is_4bit_lora(model) -> bool:
+    """A peft model on a bitsandbytes 4-bit base (QLoRA): its adapter cannot be merged losslessly."""
+    return hasattr(model, "get_base_model") and getattr(model.get_base_model(), "is_loaded_in_4bit", False)
+
+
 def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
     """Write model + processor to ``out_dir`` atomically (temp folder, then rename).
 
@@ -355,7 +360,7 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
     for a 4-bit one save the adapter itself with ``model.save_pretrained(folder)``.
     """
     if hasattr(model, "merge_and_unload"):
-        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+        if is_4bit_lora(model):
             raise ValueError("a 4-bit LoRA model cannot be merged losslessly; save the adapter with "
                              "model.save_pretrained(folder) instead")
         model = copy.deepcopy(model).merge_and_unload()

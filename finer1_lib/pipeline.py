@@ -44,9 +44,9 @@ def training_dtype(profile=None, lora: bool = False) -> str | None:
     weights rounds away any update below ~2^-9 of a weight, i.e. nearly every update at lr 5e-6 (SFT) or 1e-6
     (TAPO). LoRA trains fp32 adapters on a frozen base, which stays in the profile's dtype."""
     profile = get_profile(profile)
-    if profile.dtype == "float32":
+    if profile.load_dtype is None:
         return None  # the checkpoint's own (fp32) weights
-    return profile.dtype if lora else "float32"
+    return profile.load_dtype if lora else "float32"
 
 
 def load_base_model(profile=None, train: bool = False, lora: bool = False):
@@ -55,8 +55,7 @@ def load_base_model(profile=None, train: bool = False, lora: bool = False):
     from .model import load_model
 
     profile = get_profile(profile)
-    dtype = training_dtype(profile, lora) if train else (None if profile.dtype == "float32" else profile.dtype)
-    return load_model(profile.model, dtype=dtype)
+    return load_model(profile.model, dtype=training_dtype(profile, lora) if train else profile.load_dtype)
 
 
 def run_concepts(profile=None, out=None, seed: int = 0, model=None, processor=None, force: bool = False,
@@ -322,7 +321,7 @@ def method_model(profile=None, out=None, seed: int = 0, method: str = "Fine-R1 (
     from .model import load_model
 
     profile = get_profile(profile)
-    key = METHODS[method][0] if method in METHODS else method
+    key = _method_key(method)[0]
     if key == "base":
         model, processor = load_base_model(profile)
         return model, processor, get_benchmark(profile, out, seed).root
@@ -333,15 +332,18 @@ def method_model(profile=None, out=None, seed: int = 0, method: str = "Fine-R1 (
         summary = run_tapo(profile, out, seed, variant, progress=progress, n1=n1, n2=n2)
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)} or 'tapo-<variant>'")
-    dtype = None if profile.dtype == "float32" else profile.dtype
-    model, processor = load_model(summary["model"], dtype=dtype)
+    model, processor = load_model(summary["model"], dtype=profile.load_dtype)
     return model, processor, Path(summary["model"]).parent
+
+
+def _method_key(method: str) -> tuple[str, bool]:
+    """(what model, "step by step" prompt) of a ``METHODS`` row or of "tapo-<variant>"."""
+    return METHODS.get(method, (method, False))
 
 
 def _eval_cache(profile: Profile, out, seed: int, method: str) -> Path:
     """Where ``evaluate_method`` caches a method's evaluation (next to the model it evaluates)."""
-    think = METHODS[method][1] if method in METHODS else False
-    key = METHODS[method][0] if method in METHODS else method
+    key, think = _method_key(method)
     if key == "base":
         folder = get_benchmark(profile, out, seed).root
         return folder / ("eval-zero-shot-step-by-step.csv" if think else "eval-zero-shot.csv")
@@ -365,8 +367,7 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
     from .io import atomic_write_text
 
     profile = get_profile(profile)
-    think = METHODS[method][1] if method in METHODS else False
-    key = METHODS[method][0] if method in METHODS else method
+    key, think = _method_key(method)
     cache = _eval_cache(profile, out, seed, method)
     if cache.is_file() and not force:
         return pd.read_csv(cache, keep_default_na=False, dtype={"output": str, "prediction": str},
@@ -400,7 +401,7 @@ def evaluate_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS),
             if not _eval_cache(profile, out, s, m).is_file()}
     if workers_for(len(todo)) > 1:
         for seed in sorted({s for s, _ in todo}):
-            keys = [METHODS[m][0] if m in METHODS else m for s, m in todo if s == seed]
+            keys = [_method_key(m)[0] for s, m in todo if s == seed]
             if any(k.startswith(("sft-", "tapo-")) for k in keys):
                 sft_samples(profile, out, seed, "cot")  # concepts + CoT data (both SFT sets)
             # SFT uses both cores well (batched forward/backward); TAPO runs start from the CoT SFT model

@@ -53,6 +53,11 @@ class Profile:
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def load_dtype(self) -> str | None:
+        """The dtype to load models in for inference: None keeps the checkpoint's own (the fp32 tiny model)."""
+        return None if self.dtype == "float32" else self.dtype
+
     def run_dir(self, out: str | os.PathLike | None = None) -> Path:
         return Path(out) if out else REPO_ROOT / "data" / "runs" / self.name
 

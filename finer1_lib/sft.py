@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .chat import ChatExample, collate, encode_example
 from .io import write_json
-from .model import save_model
+from .model import is_4bit_lora, save_model
 
 __all__ = ["EncodedDataset", "examples_from_samples", "replay_examples", "train_sft", "SFT_DEFAULTS"]
 
@@ -146,7 +146,7 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
     result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
     model.eval()
-    if save and getattr(getattr(trainer.model, "get_base_model", lambda: None)(), "is_loaded_in_4bit", False):
+    if save and is_4bit_lora(trainer.model):
         trainer.model.save_pretrained(out / "adapter")  # QLoRA: a 4-bit base cannot be merged losslessly
         processor.save_pretrained(out / "adapter")
     elif save:

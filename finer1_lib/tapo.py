@@ -652,8 +652,7 @@ def bench_tapo(profile=None, out=None, prompts: int = 4, max_new_tokens: int = 1
     if bench is None:
         bench = build_benchmark(profile, out or profile.run_dir() / "benchmark-seed0", seed, progress=False)
     if model is None:
-        model, processor = load_model(profile.model, dtype=profile.dtype if profile.dtype != "float32" else None,
-                                      device="cuda" if torch.cuda.is_available() else None)
+        model, processor = load_model(profile.model, dtype=profile.load_dtype)
     common = {**dict(prompts_per_step=prompts, max_new_tokens=max_new_tokens, dynamic_sampling=False,
                      generate_batch_size=prompts * 10), **overrides}
     configs = {"dapo": TapoConfig.variant("dapo", **common), "tapo": TapoConfig.variant("tapo", **common)}
