@@ -5,9 +5,10 @@ one thread, 1.5x for a TAPO step, 1.1x for the CLIP-style baseline's training, o
 machine), so two such runs with one core each finish sooner than the same runs one after another with two
 cores each. Batched SFT uses both cores well:
 two SFT runs side by side took longer than in turn (notebook 03), so the pipeline trains them in its own
-process. Results are identical: the tiny model's generation, TAPO updates and SFT are bit-identical with
-1 or 2 threads (checked on the cpu profile). On a GPU, or with ``FINER1_WORKERS=1``, jobs run one after
-another in this process.
+process. Results agree to floating-point rounding: the same process with the same thread count gives
+bit-identical numbers, while another thread count or another process may sum in another order (BLAS), which
+moves the tiny model's weights by about 1e-7 (bit-identical on the 2-core reference machine, not on every
+CPU). On a GPU, or with ``FINER1_WORKERS=1``, jobs run one after another in this process.
 """
 from __future__ import annotations
 

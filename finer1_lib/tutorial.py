@@ -6,6 +6,7 @@ concatenates them into ``results.md`` (``figures/results.md`` for the full CPU p
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from .io import atomic_write_text
 from .profiles import Profile, current_run_dir, get_profile
 from .records import REPO_ROOT
 
-__all__ = ["NOTEBOOKS_DIR", "notebook_paths", "add_result", "run_tutorial", "collect_report", "markdown_table"]
+__all__ = ["NOTEBOOKS_DIR", "notebook_paths", "add_result", "run_tutorial", "collect_report", "markdown_table",
+           "scrub_paths"]
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -46,6 +48,24 @@ def collect_report(profile: Profile, run_dir: Path, timings: dict[str, float] | 
     return atomic_write_text(target, "\n".join(parts))
 
 
+def scrub_paths(text: str, run_dir: str | Path | None = None) -> str:
+    """``text`` with this machine's folders made relative: the repository root becomes a repo-relative path
+    (``<clone>/figures/x.png`` -> ``figures/x.png``) and a run folder outside the repository becomes
+    ``$FINER1_RUN_DIR``, so executed notebooks show no machine path."""
+    roots = []
+    if run_dir is not None:
+        run = Path(run_dir).resolve()
+        if not run.is_relative_to(REPO_ROOT.resolve()):
+            roots.append((str(run), "$FINER1_RUN_DIR"))
+    for root in {str(REPO_ROOT.resolve()), str(REPO_ROOT)}:
+        roots.append((root + "/", ""))
+        roots.append((root, "."))
+    for old, new in sorted(roots, key=lambda r: -len(r[0])):  # longest first: a run folder inside another root
+        # a whole folder name only: /work/main must not turn /work/main2 into .2
+        text = re.sub(re.escape(old) + (r"" if old.endswith("/") else r"(?![\w.-])"), new.replace("\\", "\\\\"), text)
+    return text
+
+
 def run_tutorial(profile: Profile | str | None = None, out: str | Path | None = None,
                  only: list[str] | None = None, timeout: int = 3600) -> Path:
     """Execute the notebooks in order; executed copies go to ``<out>/notebooks`` (and, for the full profile,
@@ -76,7 +96,7 @@ def run_tutorial(profile: Profile | str | None = None, out: str | Path | None = 
             raise RuntimeError(f"notebook {path.name} failed in cell {failed}: "
                                f"{str(err).strip().splitlines()[-1]}") from None
         finally:
-            text = nbformat.writes(nb)
+            text = scrub_paths(nbformat.writes(nb), run_dir)
             atomic_write_text(run_dir / "notebooks" / path.name, text)
         if profile.figures_in_repo:  # the full profile's outputs are the ones a reader sees in the repo
             atomic_write_text(path, text)

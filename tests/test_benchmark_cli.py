@@ -335,6 +335,39 @@ def test_add_result_writes_a_section(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "results" / "03_x.md").read_text() == "text\n"
 
 
+def test_executed_notebooks_show_no_machine_path(tmp_path):
+    from finer1_lib.records import REPO_ROOT
+    from finer1_lib.tutorial import scrub_paths
+
+    root = str(REPO_ROOT.resolve())
+    text = (f"figures -> {root}/figures\nPosixPath('{root}/data/runs/cpu/results/00.md')\n"
+            f"{root}/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning\ncwd {root}\n"
+            f"{root}2/other {tmp_path}/results/01.md")
+    out = scrub_paths(text, run_dir=tmp_path)
+    assert out == ("figures -> figures\nPosixPath('data/runs/cpu/results/00.md')\n"
+                   ".venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning\ncwd .\n"
+                   f"{root}2/other $FINER1_RUN_DIR/results/01.md")
+
+
+def test_committed_files_hold_no_machine_path():
+    """Library, tests, README and results never name this machine's folders (notebook outputs: scrub_paths)."""
+    import re
+    import subprocess
+
+    from finer1_lib.records import REPO_ROOT
+
+    try:
+        files = subprocess.run(["git", "ls-files", "finer1_lib", "tests", "README.md", "Makefile", "data/results"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    pattern = re.compile(r"(?<![\w.])/(?:work|home|Users|tmp)/[\w.-]+/")
+    hits = [f"{f}: {m.group(0)}" for f in files if (REPO_ROOT / f).is_file() and f.endswith((".py", ".md", ".csv",
+                                                                                               ".json", "Makefile"))
+            for m in pattern.finditer((REPO_ROOT / f).read_text(encoding="utf-8", errors="replace"))]
+    assert not hits, hits
+
+
 def test_bench_train_reports_each_mode_on_a_tiny_size(tmp_path):
     """`bench train` (README "Which GPU") through the real load/SFT/generate calls, at a tiny size on CPU."""
     import json

@@ -1,6 +1,7 @@
-"""run_parallel: results in job order, failures named, and the same numbers as running in this process."""
-import hashlib
+"""run_parallel: results in job order, failures named, and the same numbers as running in this process.
 
+Floats are compared bit for bit only where that is guaranteed (the same process with the same thread count);
+across thread counts or processes BLAS may sum in another order, so those comparisons use a tolerance."""
 import pytest
 import torch
 
@@ -13,8 +14,8 @@ def _square(x):
     return x * x
 
 
-def _tapo_step_hash(folder):
-    """One TAPO step of the tiny model with real sampling; a hash of the weights after it."""
+def _tapo_step_weights(folder):
+    """One TAPO step of the tiny model with real sampling; (threads, the weights after it)."""
     from finer1_lib.benchmark import build_benchmark
     from finer1_lib.model import build_processor, build_tiny_model, build_tokenizer
     from finer1_lib.profiles import PROFILES
@@ -29,7 +30,14 @@ def _tapo_step_hash(folder):
     model = build_tiny_model(tokenizer, "tiny-3m", seed=0)
     cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, max_new_tokens=8, dynamic_sampling=False, lr=1e-3)
     TapoTrainer(model, build_processor(tokenizer), bench, cfg).step(0)
-    return torch.get_num_threads(), hashlib.md5(b"".join(v.numpy().tobytes() for v in model.state_dict().values())).hexdigest()
+    return torch.get_num_threads(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_close(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        # one sampled step at lr 1e-3 moves weights by ~1e-3; thread-count noise is ~1e-7 (fp32 summation order)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}, {k}: {m}")
 
 
 def test_results_come_back_in_job_order_and_failures_are_named():
@@ -49,11 +57,21 @@ def test_workers_follow_the_cores_and_the_cap(monkeypatch):
         workers_for(9)
 
 
-def test_a_worker_with_fewer_threads_gives_bit_identical_training(tmp_path, monkeypatch):
+def test_a_worker_with_fewer_threads_gives_the_same_training(tmp_path, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    here = _tapo_step_hash(tmp_path / "a")
-    there = run_parallel(_tapo_step_hash, {"w": dict(folder=tmp_path / "b"), "x": dict(folder=tmp_path / "c")},
+    try:
+        here = _tapo_step_weights(tmp_path / "a")
+        again = _tapo_step_weights(tmp_path / "a2")
+    finally:
+        torch.set_num_threads(threads)
+    there = run_parallel(_tapo_step_weights, {"w": dict(folder=tmp_path / "b"), "x": dict(folder=tmp_path / "c")},
                          workers=2)
     assert here[0] == 2 and there["w"][0] == there["x"][0] == 1  # two workers on two cores: one thread each
-    assert there["w"][1] == there["x"][1] == here[1]
+    # same process, same thread count: bit-identical (a guarantee of the code, not of BLAS across machines)
+    for k in here[1]:
+        assert torch.equal(here[1][k], again[1][k]), k
+    # other processes with another thread count: equal up to floating-point summation order
+    _assert_close(there["w"][1], there["x"][1], "worker w vs worker x")
+    _assert_close(there["w"][1], here[1], "1-thread worker vs 2 threads here")
