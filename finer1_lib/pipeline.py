@@ -191,12 +191,16 @@ def shipping_metrics(model_dir, out=None, progress: bool = False) -> dict:
 
 
 def mean_std(tables: dict[int, "pd.DataFrame"], decimals: int = 1) -> "pd.DataFrame":
-    """Per-seed tables (same rows and columns) -> one table of "mean ± std" strings (std over seeds, ddof 0)."""
+    """Per-seed tables (same rows and columns) -> one table of "mean ± std" strings: the sample standard
+    deviation over seeds (ddof 1, an unbiased variance: ddof 0 would understate 3 seeds' spread by 1.22x).
+    One seed has no spread to report: the mean alone."""
     import pandas as pd
 
     long = pd.concat(tables, names=["seed", "method"])
     grouped = long.groupby(level="method", sort=False)
-    mean, std = grouped.mean(), grouped.std(ddof=0)
+    mean, std = grouped.mean(), grouped.std(ddof=1)
+    if len(tables) < 2:
+        return mean.round(decimals).astype(str).where(mean.notna())
     return mean.round(decimals).astype(str) + " ± " + std.round(decimals).astype(str)
 
 
@@ -556,9 +560,13 @@ def analysis_summary(profile=None, out=None, seeds=(0,)) -> "pd.DataFrame":
                                      for m in res["methods"]}).T
         tests[seed] = {"t": res["h2"]["t"], "p": res["h2"]["p"]}
     grouped = pd.concat(tables, names=["seed", "method"]).groupby(level="method", sort=False)
-    mean, std = grouped.mean(), grouped.std(ddof=0)
-    summary = pd.DataFrame({c: [f"{a:.{3 if c in ('H2 delta', 'H3 silhouette') else 1}f} ± "
-                                f"{b:.{3 if c in ('H2 delta', 'H3 silhouette') else 1}f}"
-                                for a, b in zip(mean[c], std[c])] for c in mean.columns}, index=mean.index)
+    mean, std = grouped.mean(), grouped.std(ddof=1)  # sample std over seeds (see mean_std)
+
+    def cell(c, a, b):
+        digits = 3 if c in ("H2 delta", "H3 silhouette") else 1
+        return f"{a:.{digits}f}" if len(tables) < 2 else f"{a:.{digits}f} ± {b:.{digits}f}"
+
+    summary = pd.DataFrame({c: [cell(c, a, b) for a, b in zip(mean[c], std[c])] for c in mean.columns},
+                           index=mean.index)
     summary.attrs["h2_tests"] = tests
     return summary

@@ -99,7 +99,12 @@ def test_mean_std_over_seeds():
 
     t = {s: pd.DataFrame({"acc": [10.0 + s, 20.0]}, index=pd.Index(["a", "b"], name="method")) for s in (0, 2)}
     out = pipeline.mean_std(t)
-    assert out.loc["a", "acc"] == "11.0 ± 1.0" and out.loc["b", "acc"] == "20.0 ± 0.0"
+    # the sample std (ddof 1): sqrt(2) for 10 and 12, not 1.0 (ddof 0)
+    assert out.loc["a", "acc"] == "11.0 ± 1.4" and out.loc["b", "acc"] == "20.0 ± 0.0"
+    three = {s: pd.DataFrame({"acc": [v]}, index=pd.Index(["a"], name="method")) for s, v in enumerate((10, 11, 13))}
+    assert pipeline.mean_std(three).loc["a", "acc"] == "11.3 ± 1.5"   # ddof 0 would print 1.2
+    one = pipeline.mean_std({0: pd.DataFrame({"acc": [10.0, float("nan")]}, index=pd.Index(["a", "b"], name="method"))})
+    assert one.loc["a", "acc"] == "10.0" and pd.isna(one.loc["b", "acc"])   # one seed: no spread to show
 
 
 def test_cli_pretrain_smoke_runs_and_resumes(tmp_path, capsys):
@@ -146,10 +151,30 @@ def test_analysis_summary_over_seeds(tmp_path):
         (tmp_path / f"analysis-seed{seed}.json").write_text(json.dumps(result(shift)))
     table = pipeline.analysis_summary("smoke", tmp_path, seeds=(0, 1))
     assert list(table.index) == ["zero-shot", "Fine-R1 (TAPO)"]
-    assert table.loc["zero-shot", "H1 probe (all)"] == "11.0 ± 1.0"
-    assert table.loc["Fine-R1 (TAPO)", "H1 probe (all)"] == "12.0 ± 1.0"
-    assert table.loc["zero-shot", "H2 delta"] == "0.020 ± 0.010"
-    assert table.loc["zero-shot", "H3 full acc"] == "70.0 ± 10.0"
+    assert table.loc["zero-shot", "H1 probe (all)"] == "11.0 ± 1.4"          # sample std (ddof 1)
+    assert table.loc["Fine-R1 (TAPO)", "H1 probe (all)"] == "12.0 ± 1.4"
+    assert table.loc["zero-shot", "H2 delta"] == "0.020 ± 0.014"
+    assert table.loc["zero-shot", "H3 full acc"] == "70.0 ± 14.1"
+    assert pipeline.analysis_summary("smoke", tmp_path, seeds=(1,)).loc["zero-shot", "H1 probe (all)"] == "12.0"
     assert table.attrs["h2_tests"] == {0: {"t": -2.0, "p": 0.05}, 1: {"t": -4.0, "p": 0.05}}
     with pytest.raises(FileNotFoundError, match="analysis-seed2.json is missing"):
         pipeline.analysis_summary("smoke", tmp_path, seeds=(2,))
+
+
+def test_committed_three_seed_tables_are_the_sample_std_of_their_per_seed_numbers():
+    """data/results/cpu-3seeds/results.md: every "mean ± std" cell recomputed from the per-seed CSVs (ddof 1)."""
+    import pandas as pd
+
+    from finer1_lib.records import REPO_ROOT
+
+    folder = REPO_ROOT / "data" / "results" / "cpu-3seeds"
+    text = (folder / "results.md").read_text(encoding="utf-8")
+    long = pd.read_csv(folder / "evaluation.csv", header=[0, 1], index_col=[0, 1])
+    table = pipeline.mean_std({s: g.droplevel("seed") for s, g in long.groupby(level="seed")})
+    for method, row in table.iterrows():
+        if method.startswith("CLIP"):
+            row = row.iloc[:2]
+        assert f"| {method} | " + " | ".join(row) in text, method
+    summary = pipeline.analysis_summary("cpu", folder, seeds=(0, 1, 2))
+    for method, row in summary.iterrows():
+        assert f"| {method} | " + " | ".join(row) + " |" in text, method
