@@ -348,6 +348,28 @@ def _save_torch(obj, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _load_torch(path: Path, what: str) -> dict:
+    """A file written by :func:`_save_torch`, read with ``weights_only=True``: tensors, numbers, strings, lists
+    and dicts only, so a tampered or foreign file can never run code while it is read. Any failure (a pickle
+    with other objects, a truncated file) raises ValueError naming the file."""
+    import pickle
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"refusing to load the {what} {path}: it holds objects other than tensors and plain "
+                         f"values (weights_only=True), so it was not written by this library or was tampered "
+                         f"with ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read the {what} {path} (truncated or not a torch file?): "
+                         f"{type(err).__name__}: {first[:200]}") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"the {what} {path} holds a {type(blob).__name__}, not the expected dict")
+    return blob
+
+
 def save_clip(model: ClipModel, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``clip.pt`` (state dict + vocab + config) atomically."""
     path = Path(path)
@@ -363,7 +385,10 @@ def load_clip(path: str | Path) -> ClipModel:
         path = path / "clip.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no CLIP model at {path}; train one with finer1_lib.clip_baseline.train_clip")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = _load_torch(path, "CLIP model")
+    missing = [k for k in ("cfg", "vocab", "state_dict") if k not in blob]
+    if missing:
+        raise ValueError(f"the CLIP model {path} lacks {missing}; it was not written by save_clip")
     model = ClipModel(ClipConfig.from_dict(blob["cfg"]), blob["vocab"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
@@ -409,7 +434,7 @@ def train_clip(world: World, cfg: ClipConfig | None = None, out_dir: str | Path 
     if out:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            state = _load_torch(ckpt_path, "CLIP checkpoint")
             _check_same_run(state, cfg, world, out)
             model.load_state_dict(state["state_dict"])
             opt.load_state_dict(state["optimizer"])

@@ -266,3 +266,37 @@ def test_same_seed_same_weights_and_resume_equivalence(small_world, tmp_path):
     img = small_world.render(small_world.species_of("bird")[0].name, "test", 0)
     opts = [s.name for s in small_world.species_of("bird")[:4]]
     assert choose_option(loaded, img, opts, "bird") == choose_option(ref, img, opts, "bird")
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it calls a function (here: creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_is_refused_naming_the_file(small_world, tmp_path):
+    """load_clip and a resumed train_clip read with weights_only=True: no code runs, a clear error names the file."""
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil" / "clip.pt"
+    bad.parent.mkdir()
+    torch.save({"cfg": {}, "vocab": [], "state_dict": {}, "x": _RunsCode(marker)}, bad)
+    with pytest.raises(ValueError, match=r"refusing to load the CLIP model .*evil/clip\.pt.*weights_only"):
+        load_clip(bad.parent)
+    assert not marker.exists()
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.save({"step": 1, "x": _RunsCode(marker)}, ckpt)
+    with pytest.raises(ValueError, match=r"refusing to load the CLIP checkpoint .*run/checkpoint\.pt"):
+        _tiny_run(small_world, ckpt.parent)
+    assert not marker.exists()
+    # a truncated file: named, not a bare RuntimeError from the zip reader
+    good = tmp_path / "good"
+    _tiny_run(small_world, good)
+    data = (good / "clip.pt").read_bytes()
+    (good / "clip.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read the CLIP model .*good/clip\.pt"):
+        load_clip(good)
