@@ -326,6 +326,44 @@ class ModelNotAvailableError(FileNotFoundError):
     """Raised when neither a local folder nor a (cached or downloadable) hub model is found."""
 
 
+class CorruptModelError(ValueError):
+    """A model folder whose weights cannot be read (truncated, half-written, or a pickle that is not plain
+    tensors); the message names the file."""
+
+
+def clean_tmp(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Remove the temporary files and folders an interrupted atomic write leaves behind in ``folder``
+    (``.<name>.<random>.tmp``, from :func:`save_model` and ``io.atomic_write_bytes``; with ``prefix``: only
+    those of ``.<prefix>.``). Returns what was removed. Only call it when no other process writes there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = []
+    for p in folder.glob(f".{prefix + '.' if prefix else ''}*.tmp"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
+def _is_complete_model_dir(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) or (folder / "adapter_config.json").is_file()
+
+
+def recover_model_dir(out_dir: str | os.PathLike) -> Path:
+    """Finish a :func:`save_model` that was interrupted between its two renames: the previous model sits in
+    ``.<name>.old`` and ``out_dir`` is missing -> put it back. Removes the leftover temp folders. Returns
+    ``out_dir``."""
+    out_dir = Path(out_dir)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if not out_dir.exists() and old.is_dir() and _is_complete_model_dir(old):
+        os.replace(old, out_dir)
+    clean_tmp(out_dir.parent, out_dir.name)
+    return out_dir
+
+
 def _how_to_get(name: str) -> str:
     hub_id = name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else \
         "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -366,14 +404,17 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
         model = copy.deepcopy(model).merge_and_unload()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_model_dir(out_dir)  # a save killed between its renames: its previous model comes back first
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if out_dir.exists():
+            # the new model is complete in tmp; the old one is moved aside (never deleted) until tmp is in place.
+            # A kill between the two renames leaves it in .<name>.old, which recover_model_dir puts back.
             old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # out_dir exists, so this is a stale copy
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -383,6 +424,19 @@ def save_model(model, processor, out_dir: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _is_unreadable_weights(err: BaseException) -> bool:
+    """A weight file that is truncated, half-written or an unsafe pickle (not a missing GPU, memory, ...)."""
+    import pickle
+
+    if isinstance(err, (pickle.UnpicklingError, EOFError)) or type(err).__name__ == "SafetensorError":
+        return True
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    text = str(err)
+    return isinstance(err, (RuntimeError, OSError, ValueError)) and any(
+        k in text for k in ("PytorchStreamReader", "header", "deserializ", "incomplete", "Weights only load"))
 
 
 def load_processor(name_or_path: str | os.PathLike, *, min_pixels: int | None = None,
@@ -427,6 +481,8 @@ def load_model(
     local = _is_local_path(name)
     if local:
         name = str(Path(name).expanduser())
+        if not Path(name).exists():
+            recover_model_dir(name)  # an interrupted save_model left the model in .<name>.old
         if not (Path(name) / "config.json").is_file():
             raise ModelNotAvailableError(
                 f"No model folder at {name!r} (looked for {Path(name).resolve() / 'config.json'}).\n"
@@ -465,7 +521,17 @@ def load_model(
         else:
             kwargs["device_map"] = {"": "cpu"}
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, **kwargs)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name, **kwargs)
+    except Exception as err:
+        if not local or not _is_unreadable_weights(err):
+            raise
+        files = sorted(p.name for p in Path(name).iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CorruptModelError(
+            f"cannot read the weights of the model folder {name} ({', '.join(files) or 'no weight file'}): "
+            f"{type(err).__name__}: {first}. The file is truncated, half-written or not plain tensors; "
+            f"rebuild it (rerun the stage that wrote it) or restore it") from None
     if device is None and not load_in_4bit and torch.cuda.is_available():
         device = "cuda"  # every stage (generation, rescoring, TAPO, probes) runs where the weights are
     processor = load_processor(name, min_pixels=min_pixels, max_pixels=max_pixels)

@@ -270,3 +270,58 @@ def test_real_size_configs_match_the_released_parameter_counts(tiny):
         assert sum(p.numel() for p in model.model.visual.parameters()) == pytest.approx(vision, rel=1e-3)
     with pytest.raises(KeyError, match="unknown real size"):
         build_real_size_config(tiny[0], "qwen2.5-vl-72b")
+
+
+# ----------------------------------------------------------------------------------------- damaged folders
+
+
+def test_a_truncated_or_unsafe_weight_file_is_named(tiny, tmp_path):
+    import shutil
+
+    from finer1_lib.model import CorruptModelError
+
+    _, _, _, folder = tiny
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptModelError, match=r"cannot read the weights of the model folder .*cut \(model\.safetensors\)"):
+        load_model(cut)
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (cut / "model.safetensors").unlink()
+    torch.save({"x": RunsCode()}, cut / "pytorch_model.bin")
+    with pytest.raises(CorruptModelError, match=r"cut \(pytorch_model\.bin\)"):
+        load_model(cut)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_save_model_never_loses_the_previous_model(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    _, processor, model, folder = tiny
+    out = tmp_path / "model"
+    shutil.copytree(folder, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # a kill while the new model is written
+
+    with monkeypatch.context() as m:
+        m.setattr(type(processor), "save_pretrained", killed)
+        with pytest.raises(KeyboardInterrupt):
+            save_model(model, processor, out)
+    assert (out / "model.safetensors").read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+    # a kill between the two renames: the old model sits in .model.old, a half-written temp folder beside it
+    os.replace(out, tmp_path / ".model.old")
+    (tmp_path / ".model.abc123.tmp").mkdir()
+    (tmp_path / ".model.abc123.tmp" / "config.json").write_text("{")
+    loaded, _ = load_model(out)  # repaired on read
+    assert out.is_dir() and not (tmp_path / ".model.old").exists() and not list(tmp_path.glob(".*.tmp"))
+    os.replace(out, tmp_path / ".model.old")
+    save_model(model, processor, out)  # and on the next save
+    assert (out / "config.json").is_file() and not (tmp_path / ".model.old").exists()
