@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .inference import generate
-from .io import atomic_write_text, iter_jsonl, write_jsonl
+from .io import DataError, atomic_write_text, iter_jsonl_numbered, read_text, write_jsonl
 from .prompts import SFT_SYSTEM_PROMPT, cot_teacher_prompt, extract_tag, format_answer, parse_structured_cot
 from .protocol import question_templates
 from .rationale import similar_species, write_rationale
@@ -37,7 +37,7 @@ from .records import ImageRecord
 from .world import SCHEMAS, World
 
 __all__ = ["Teacher", "HFTeacher", "KnowledgeBaseTeacher", "CotSample", "CotStats", "REJECT_REASONS",
-           "is_english", "check_teacher_output", "cot_question", "build_cot_dataset", "to_sharegpt",
+           "is_english", "name_keys", "names_match", "check_teacher_output", "cot_question", "build_cot_dataset", "to_sharegpt",
            "write_sharegpt", "read_sharegpt", "direct_answer_samples"]
 
 #: Rejection reasons, in the order they are checked (an attempt gets the first that applies).
@@ -166,13 +166,33 @@ def _norm(name: str | None) -> str:
     return re.sub(r"\s+", " ", (name or "").replace("_", " ")).strip().strip(".").strip().casefold()
 
 
+_PARENS = re.compile(r"\s*\([^()]*\)")
+
+
+def name_keys(name: str | None) -> set[str]:
+    """The normalised forms a candidate or label name is matched by: the whole name, the name without its
+    parenthesised extras ("Laysan Albatross (Phoebastria immutabilis)" -> "laysan albatross") and the name with
+    the brackets dropped but their content kept ("Audi S4 Sedan (2012)" -> "audi s4 sedan 2012"). Case, spacing,
+    underscores and a final period aside (as for the prediction)."""
+    name = name or ""
+    keys = {_norm(name), _norm(_PARENS.sub("", name)), _norm(name.replace("(", " ").replace(")", " "))}
+    return {k for k in keys if k}
+
+
+def names_match(a: str | None, b: str | None) -> bool:
+    """True when two names share a form of :func:`name_keys` (parenthesised extras ignored on either side)."""
+    return bool(name_keys(a) & name_keys(b))
+
+
 def check_teacher_output(output: str, label: str, max_candidates: int = MAX_CANDIDATES) -> tuple[str | None, dict]:
     """(reason or None, parsed CoT) for one teacher output; reasons are checked in :data:`REJECT_REASONS` order.
 
     unparseable: any of analysis / options / comparison / prediction missing (tags or the official headings);
     not_english: :func:`is_english` fails; wrong_prediction: the prediction is not exactly the label (case,
     spacing, underscores and a final period aside); gt_missing: the label is not among the candidates;
-    too_many_candidates: more than ``max_candidates`` candidates.
+    too_many_candidates: more than ``max_candidates`` candidates. Candidates match the label with parenthesised
+    extras ignored (a Latin name or a year: "Laysan Albatross (Phoebastria immutabilis)", "Audi S4 Sedan (2012)",
+    see :func:`names_match`).
     """
     cot = parse_structured_cot(output or "")
     if not (cot["analysis"] and cot["options"] and cot["comparison"] and cot["prediction"]):
@@ -181,7 +201,7 @@ def check_teacher_output(output: str, label: str, max_candidates: int = MAX_CAND
         return "not_english", cot
     if _norm(cot["prediction"]) != _norm(label):
         return "wrong_prediction", cot
-    if _norm(label) not in {_norm(o) for o in cot["options"]}:
+    if not any(names_match(label, o) for o in cot["options"]):
         return "gt_missing", cot
     if len(cot["options"]) > max_candidates:
         return "too_many_candidates", cot
@@ -337,50 +357,88 @@ def _load_rows(path: Path) -> list[tuple[str, dict]]:
     """(where, record) pairs from a JSON array or a JSONL file."""
     if not path.is_file():
         raise FileNotFoundError(f"sharegpt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "sharegpt file")
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         return [(f"{path}: record {i}", row) for i, row in enumerate(rows)]
-    return [(f"{path}: record {i}", row) for i, row in enumerate(iter_jsonl(path))]
+    return [(f"{path}: record {i} (line {lineno})", row) for i, (lineno, row) in enumerate(iter_jsonl_numbered(path))]
 
 
-def read_sharegpt(path: str | Path, image_root: str | Path | None = None) -> list[dict]:
+def _resolve_image(where: str, image_path: str, image_root, dataset_roots, check: bool) -> str:
+    """The path of a record's image: joined to ``image_root`` when relative; when that file is missing and the path
+    is under an official Stage-1 folder whose dataset is in ``dataset_roots``, the file of the standard copy."""
+    from .datasets import stage1_dataset_path, super_category_from_path
+
+    path = image_path
+    if image_root is not None and not Path(image_path).is_absolute():
+        path = str(Path(image_root) / image_path)
+    if Path(path).is_file() or not (check or dataset_roots):
+        return path
+    sc = super_category_from_path(image_path)
+    if dataset_roots and sc in dataset_roots:
+        try:
+            alt = stage1_dataset_path(image_path, dataset_roots[sc], sc)
+        except (ValueError, FileNotFoundError):
+            alt = None
+        if alt is not None and alt.is_file():
+            return str(alt)
+    if not check:
+        return path
+    hint = ("pass image_root= the folder the image paths are relative to" if image_root is None
+            and not Path(image_path).is_absolute() else "check image_root")
+    if sc is not None:
+        hint += f", or dataset_roots={{{sc!r}: <your {sc} dataset folder>}}"
+    raise DataError(f"{where}: image not found: {path} ({hint}; or check_images=False to skip the check)")
+
+
+def read_sharegpt(path: str | Path, image_root: str | Path | None = None, *, check_images: bool = True,
+                  dataset_roots: Mapping[str, str | Path] | None = None) -> list[dict]:
     """Read a sharegpt SFT file: ours (:func:`write_sharegpt`) or the official ``Fine-R1-Stage1-data.json``.
 
     Returns one dict per record: ``system`` (None if absent), ``prompt`` (the user turn without ``<image>``),
-    ``response``, ``image_path`` (joined to ``image_root`` when relative), ``label`` (None if absent), the parsed
-    CoT fields ``analysis``/``options``/``comparison``/``prediction`` (Table 5 tags or the official headed
-    sections) and ``answer`` (the ``<answer>`` content). A record without messages/images, with roles other
-    than [system,] user, assistant, or whose ``<image>`` placeholders do not match its images raises
-    ValueError naming the record (0-based index).
+    ``response``, ``image_path`` (joined to ``image_root`` when relative), ``label`` (None if absent),
+    ``super_category`` (from the image path's dataset folder, standard or official, else None), the parsed CoT
+    fields ``analysis``/``options``/``comparison``/``prediction`` (Table 5 tags or the official headed sections,
+    see :func:`finer1_lib.prompts.parse_structured_cot`) and ``answer`` (the ``<answer>`` content).
+
+    Images: with ``check_images`` (default) every image must exist, else a DataError names the record and the
+    path. The official file's image folders (``bird_200/images_train/...``, ``stanford_cars_train/images/...``,
+    ...) need not exist: give ``dataset_roots`` ({super-category: folder of a standard copy of the dataset,
+    as passed to its reader}) and a missing image is taken from there (:func:`finer1_lib.datasets.
+    stage1_dataset_path`).
+
+    A file that is not UTF-8 or not valid JSON, a record without messages/images, with roles other than
+    [system,] user, assistant, or whose ``<image>`` placeholders do not match its images raises DataError naming
+    the file and record (0-based index).
     """
+    from .datasets import super_category_from_path
+
     path = Path(path)
     out = []
     for where, row in _load_rows(path):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         messages, images = row.get("messages"), row.get("images")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ValueError(f"{where}: missing or empty 'messages' list (keys: {sorted(row)})")
+            raise DataError(f"{where}: missing or empty 'messages' list (keys: {sorted(row)})")
         if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
-            raise ValueError(f"{where}: missing or empty 'images' list of paths (keys: {sorted(row)})")
+            raise DataError(f"{where}: missing or empty 'images' list of paths (keys: {sorted(row)})")
         roles = [m.get("role") for m in messages]
         if roles not in (["system", "user", "assistant"], ["user", "assistant"]):
-            raise ValueError(f"{where}: roles must be [system,] user, assistant; found {roles}")
+            raise DataError(f"{where}: roles must be [system,] user, assistant; found {roles}")
         if not all(isinstance(m.get("content"), str) for m in messages):
-            raise ValueError(f"{where}: every message needs a string 'content'")
+            raise DataError(f"{where}: every message needs a string 'content'")
         turn = {m["role"]: m["content"] for m in messages}
         if turn["user"].count("<image>") != len(images):
-            raise ValueError(f"{where}: the user turn has {turn['user'].count('<image>')} <image> placeholders "
-                             f"for {len(images)} images")
-        image_path = images[0]
-        if image_root is not None and not Path(image_path).is_absolute():
-            image_path = str(Path(image_root) / image_path)
+            raise DataError(f"{where}: the user turn has {turn['user'].count('<image>')} <image> placeholders "
+                            f"for {len(images)} images")
+        paths = [_resolve_image(where, p, image_root, dataset_roots, check_images) for p in images]
         cot = parse_structured_cot(turn["assistant"])
         out.append({"system": turn.get("system"), "prompt": turn["user"].replace("<image>", "").strip(),
-                    "response": turn["assistant"], "image_path": image_path, "label": row.get("label"),
+                    "response": turn["assistant"], "image_path": paths[0], "label": row.get("label"),
+                    "super_category": super_category_from_path(images[0]),
                     **cot, "answer": extract_tag(turn["assistant"], "answer")})
     return out

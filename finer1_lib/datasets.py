@@ -6,11 +6,17 @@ the index files; images are never opened and their existence is not checked one 
 
 ``image_id`` is ``"<super_category>/<partition>/<dataset id>"`` and ``partition`` is the
 dataset's own ``"train"`` / ``"test"`` split.
+
+Folder names of the official release are accepted as aliases: the eval files' dataset folders (FOCI-Benchmark
+layout: ``bird_200/``, ``stanford-cars/``, ``dogs_120/``, ``flower102/``, ``fgvc_aircraft/data/``,
+``oxford-pet/``, also under ``train/`` or ``test/`` of the ``FOCI-Benchmark/data`` folder) are found by the
+readers like the standard names; the Stage-1 SFT image folders (``bird_200/images_train/``,
+``stanford_cars_train/images/``, ...) map onto a standard copy with :func:`stage1_dataset_path`, and
+:func:`super_category_from_path` tells the super-category of an image path in any of these layouts.
 """
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .io import DataError, read_json, read_text
 from .records import OFFICIAL_SPLITS_DIR, SUPER_CATEGORIES, ImageRecord
 
 PathLike = str | os.PathLike
@@ -33,6 +40,12 @@ class DatasetInfo:
     subdirs: folders under the given root that may hold the dataset ("" = the root itself);
              the first one is the layout named in "not found" messages.
     marker:  the file (relative to the dataset folder) that identifies the layout.
+    official_dirs: the dataset's folder in the official eval files (FOCI-Benchmark layout, e.g.
+             ``.../FOCI-Benchmark/data/train/bird_200/images/...``); searched like ``subdirs``, and also
+             under ``train/`` and ``test/`` of the given root.
+    stage1_dir: the image folder of the official Stage-1 SFT file (``Fine-R1-Stage1-data.json``), e.g.
+             ``bird_200/images_train``; the rest of such a path is the file's path under ``image_dir``.
+    image_dir: the image folder inside the dataset folder (the standard layout).
     """
 
     name: str
@@ -40,6 +53,9 @@ class DatasetInfo:
     url: str
     marker: str
     subdirs: tuple[str, ...] = ("",)
+    official_dirs: tuple[str, ...] = ()
+    stage1_dir: str = ""
+    image_dir: str = ""
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
@@ -50,6 +66,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         url="https://www.vision.caltech.edu/datasets/cub_200_2011/",
         marker="images.txt",
         subdirs=("CUB_200_2011", ""),
+        official_dirs=("bird_200", "bird_200/CUB_200_2011"),
+        stage1_dir="bird_200/images_train",
+        image_dir="images",
     ),
     "car": DatasetInfo(
         name="Stanford Cars",
@@ -58,6 +77,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         url="https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
         marker="devkit/cars_meta.mat",
         subdirs=("", "stanford_cars"),
+        official_dirs=("stanford-cars",),
+        stage1_dir="stanford_cars_train/images",
+        image_dir="cars_train",
     ),
     "dog": DatasetInfo(
         name="Stanford Dogs",
@@ -65,6 +87,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         url="http://vision.stanford.edu/aditya86/ImageNetDogs/",
         marker="train_list.mat",
         subdirs=("", "stanford_dogs"),
+        official_dirs=("dogs_120",),
+        stage1_dir="dogs_120/image_train/train",
+        image_dir="Images",
     ),
     "flower": DatasetInfo(
         name="Oxford Flowers-102",
@@ -72,6 +97,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         url="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
         marker="imagelabels.mat",
         subdirs=("", "flowers-102"),
+        official_dirs=("flower102",),
+        stage1_dir="flower102_train/image/train",
+        image_dir="jpg",
     ),
     "pet": DatasetInfo(
         name="Oxford-IIIT Pet",
@@ -79,6 +107,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         url="https://www.robots.ox.ac.uk/~vgg/data/pets/",
         marker="annotations/trainval.txt",
         subdirs=("", "oxford-iiit-pet"),
+        official_dirs=("oxford-pet",),
+        stage1_dir="oxford-pet-train/train",
+        image_dir="images",
     ),
     "aircraft": DatasetInfo(
         name="FGVC-Aircraft",
@@ -87,6 +118,9 @@ DATASET_INFO: dict[str, DatasetInfo] = {
         url="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
         marker="variants.txt",
         subdirs=("fgvc-aircraft-2013b/data", "data", ""),
+        official_dirs=("fgvc_aircraft/data", "fgvc_aircraft/fgvc-aircraft-2013b/data"),
+        stage1_dir="fgvc-aircraft-2013b-train/images",
+        image_dir="images",
     ),
 }
 
@@ -107,15 +141,14 @@ def load_official_split(super_category: str) -> dict:
     path = OFFICIAL_SPLITS_DIR / f"{super_category}.json"
     if not path.is_file():
         raise FileNotFoundError(f"official split for {super_category!r} not found: expected {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    data = read_json(path, "official split file")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with keys {list(_SPLIT_KEYS)}")
     missing = [k for k in _SPLIT_KEYS if k not in data]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
+        raise DataError(f"{path}: missing keys {missing}")
     if len(data["questions"]) != 10:
-        raise ValueError(f"{path}: expected 10 questions, found {len(data['questions'])}")
+        raise DataError(f"{path}: expected 10 questions, found {len(data['questions'])}")
     return {k: (list(data[k]) if isinstance(data[k], list) else data[k]) for k in _SPLIT_KEYS}
 
 
@@ -258,11 +291,17 @@ def _where(info: DatasetInfo) -> str:
     return f"download it from {info.url} and pass its folder"
 
 
+def _candidate_subdirs(info: DatasetInfo) -> list[str]:
+    """Standard sub-folders, then the official names, also under train/ and test/ (FOCI-Benchmark/data)."""
+    return [*info.subdirs, *info.official_dirs,
+            *(f"{split}/{d}" for split in ("train", "test") for d in info.official_dirs)]
+
+
 def _locate(super_category: str, root: PathLike) -> Path:
     """The dataset folder under ``root`` holding the layout's marker file."""
     info = DATASET_INFO[super_category]
     root = _abs(root)
-    for sub in info.subdirs:
+    for sub in _candidate_subdirs(info):
         base = root / sub if sub else root
         if (base / info.marker).is_file():
             return base
@@ -291,15 +330,14 @@ def _iter_fields(path: Path, n_fields: int, usage: str) -> Iterator[tuple[int, l
 
     Blank lines and lines starting with '#' are skipped; a short line raises naming file and line.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            fields = text.split(None, n_fields - 1)
-            if len(fields) != n_fields:
-                raise ValueError(f"{path}:{lineno}: expected '{usage}', got {text!r}")
-            yield lineno, fields
+    for lineno, line in enumerate(read_text(path, "index file").split("\n"), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = text.split(None, n_fields - 1)
+        if len(fields) != n_fields:
+            raise DataError(f"{path}:{lineno}: expected '{usage}', got {text!r}")
+        yield lineno, fields
 
 
 def _to_int(value: str, path: Path, lineno: int, what: str) -> int:
@@ -566,3 +604,50 @@ def read_dataset(super_category: str, root: PathLike) -> list[ImageRecord]:
     """All images (train and test) of the dataset of ``super_category`` found at ``root``."""
     _check_super_category(super_category)
     return READERS[super_category](root)
+
+
+# --------------------------------------------------------------------------- official folder names
+
+def _folder_names(info: DatasetInfo) -> list[str]:
+    """Distinctive folder names of a dataset in every layout (standard, official eval, official Stage-1)."""
+    names = [info.stage1_dir, *info.official_dirs, *(d for d in info.subdirs if d and d != "data")]
+    return [n for n in names if n]
+
+
+def super_category_from_path(path: PathLike) -> str | None:
+    """The super-category of an image path in the standard, official-eval or official Stage-1 layout, else None.
+
+    A path matches when it contains one of the dataset's folder names as whole path components, e.g.
+    ``.../FOCI-Benchmark/data/test/stanford-cars/cars_test/00210.jpg`` -> "car",
+    ``bird_200/images_train/016.Painted_Bunting/x.jpg`` -> "bird", ``.../CUB_200_2011/images/...`` -> "bird".
+    (The official eval code guesses from substrings such as "birds"; this does not.)
+    """
+    parts = "/" + "/".join(p for p in str(path).replace("\\", "/").split("/") if p) + "/"
+    for sc in SUPER_CATEGORIES:
+        if any(f"/{name}/" in parts for name in _folder_names(DATASET_INFO[sc])):
+            return sc
+    return None
+
+
+def stage1_dataset_path(image_path: PathLike, dataset_root: PathLike,
+                        super_category: str | None = None) -> Path:
+    """Where an image of the official Stage-1 file lies in a standard copy of its dataset.
+
+    ``image_path`` is as in ``Fine-R1-Stage1-data.json`` (e.g. ``bird_200/images_train/016.Painted_Bunting/
+    Painted_Bunting_0056_16599.jpg``; anything before the Stage-1 folder is ignored); ``dataset_root`` is the
+    folder you would pass to the dataset's reader. Returns e.g. ``<root>/CUB_200_2011/images/016.Painted_Bunting/
+    Painted_Bunting_0056_16599.jpg``. The file is not checked. Raises ValueError when the path is not under a
+    Stage-1 folder (of ``super_category`` when given).
+    """
+    posix = "/".join(p for p in str(image_path).replace("\\", "/").split("/") if p)
+    for sc in ([super_category] if super_category else SUPER_CATEGORIES):
+        _check_super_category(sc)
+        info = DATASET_INFO[sc]
+        prefix = info.stage1_dir + "/"
+        at = ("/" + posix).find("/" + prefix)
+        if at >= 0:
+            rest = posix[at + len(prefix):]
+            return _locate(sc, dataset_root) / info.image_dir / rest
+    folders = ", ".join(f"{DATASET_INFO[s].stage1_dir}/" for s in ([super_category] if super_category
+                                                                     else SUPER_CATEGORIES))
+    raise ValueError(f"{image_path} is not under an official Stage-1 image folder ({folders})")

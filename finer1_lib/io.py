@@ -1,4 +1,10 @@
-"""Small I/O helpers: atomic writes (temp file + rename) and JSONL."""
+"""Small I/O helpers: atomic writes (temp file + rename), UTF-8 text and JSONL reading, and :class:`DataError`.
+
+:class:`DataError` is the one error type for bad user data (a file that is not UTF-8, not valid JSON, a record
+missing a key, an image that is not there, metadata that cannot be inferred): its message names the file (and
+line or record) and, where there is one, the fix. It subclasses ValueError, so ``except ValueError`` still
+catches it; the command line prints its message on one line and exits with code 2.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +15,25 @@ from typing import Any, Iterable, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line/record) and says what to do."""
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file (a BOM is dropped); a file that is not UTF-8 raises DataError naming it and
+    the byte offset (``what`` says what the file is, e.g. "sharegpt file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"re-save it as UTF-8") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -41,22 +66,37 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, text)
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield the JSON objects of a JSONL file; a bad line raises naming file and line."""
+def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) for each non-blank line of a JSONL file; a bad line (or a file that is not
+    UTF-8) raises DataError naming file and line; a missing file raises FileNotFoundError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"JSONL file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield obj
+    for lineno, line in enumerate(read_text(path, "JSONL file").split("\n"), 1):  # not splitlines: U+2028 is data
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield the JSON objects of a JSONL file (errors as :func:`iter_jsonl_numbered`)."""
+    for _, obj in iter_jsonl_numbered(path):
+        yield obj
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The parsed content of a UTF-8 JSON file; not UTF-8 or not valid JSON raises DataError naming file and
+    line; a missing file raises FileNotFoundError naming it."""
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -1,7 +1,9 @@
 """Rewards and evaluation metrics of Fine-R1.
 
 * Reward of §4.3 / official ``TAPO/examples/reward_function/cls_thinking.py``.
-* Closed-world accuracy and open-world text inclusion (TI) as in the official ``eval/evaluation.py``.
+* Closed-world accuracy and open-world text inclusion (TI). Two rule sets (argument ``scoring``):
+  ``"official"`` (default) equals the official ``eval/evaluation.py``; ``"strict"`` is this project's earlier,
+  stricter reading (see ``SCORINGS``). They differ only on edge cases of the output's format.
 * Relative semantic similarity, paper Eq. 5, with the right super-category word
   (``records.SUPER_CATEGORY_WORD``; the official code uses "object" for dogs, pets and birds).
 
@@ -22,7 +24,8 @@ from .prompts import answer_span, is_well_formed, normalize_tag_whitespace
 from .records import SUPER_CATEGORIES, SUPER_CATEGORY_WORD
 
 __all__ = [
-    "format_reward", "accuracy_reward", "reward", "closed_world_correct", "open_world_prediction",
+    "format_reward", "accuracy_reward", "reward", "SCORINGS", "official_answer", "closed_world_correct",
+    "open_world_prediction",
     "TI_DROP_LAST_WORDS", "text_inclusion", "text_inclusion_for", "relative_ss", "SemanticSimilarity",
     "TextEncoder", "hash_encoder", "minilm_encoder", "siglip_encoder", "get_text_encoder",
 ]
@@ -83,24 +86,70 @@ def _norm(s: str) -> str:
     return " ".join(s.lower().replace("_", " ").split())
 
 
-def closed_world_correct(text: str, ground_truth: str) -> bool:
-    """Closed-world success (official eval): the ground truth (lowercased, '_' -> ' ') is contained
-    in the ``<answer>`` content (lowercased, '_' -> ' ', whitespace collapsed).
+#: The scoring rules of closed-world accuracy and open-world TI / prediction.
+#:
+#: ``"official"`` (default): exactly ``eval/evaluation.py``. The answer is the greedy span
+#: ``<answer>(.*)</answer>`` (exact, lowercase tags: ``< answer >`` or ``<Answer>`` is no tag), stripped.
+#: Closed world: correct iff ``gt.lower().replace('_', ' ') in answer.lower().replace('_', ' ')``; no tag or an
+#: empty answer is wrong. Open world: the prediction is the answer, or the WHOLE output when there is no tag or
+#: the answer is empty; TI iff ``gt.lower().replace('_', ' ') in prediction.lower()`` (the prediction's
+#: underscores are kept); cars: ``' '.join(gt.lower().split()[:-2]) in prediction.lower()``.
+#:
+#: ``"strict"``: tags tolerate case and whitespace (``< Answer >``), whitespace runs are collapsed and
+#: underscores read as spaces on both sides, and an empty ``<answer></answer>`` is an (empty) prediction, not a
+#: fall-back to the whole output (so names that appear only in ``<think>`` never count).
+#:
+#: In both, a car ground truth of 2 words or fewer is used whole for TI (the official code would match any
+#: output); no official car name is that short, so official scores are unaffected.
+SCORINGS = ("official", "strict")
 
-    No ``<answer>`` tag -> False: names that appear only in ``<think>`` do not count (a rationale
-    lists several candidates).  The answer content is the official greedy span (first opening to
-    last closing tag, see ``prompts.answer_span``); tags tolerate whitespace and case.
+_OFFICIAL_EVAL_ANSWER_RE = re.compile(r"<answer>(.*)</answer>", re.DOTALL)
+
+
+def _check_scoring(scoring: str) -> str:
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    return scoring
+
+
+def official_answer(text: str | None) -> str | None:
+    """``extract_answer`` of the official ``eval/evaluation.py``: the stripped greedy span between the first
+    ``<answer>`` and the last ``</answer>`` (exact, case-sensitive tags), None when there is none."""
+    if not isinstance(text, str):
+        return None
+    m = _OFFICIAL_EVAL_ANSWER_RE.search(text)
+    return m.group(1).strip() if m else None
+
+
+def closed_world_correct(text: str, ground_truth: str, scoring: str = "official") -> bool:
+    """Closed-world success: the ground truth (lowercased, '_' -> ' ') is contained in the ``<answer>`` content.
+
+    No ``<answer>`` tag or an empty one -> False: names that appear only in ``<think>`` do not count (a rationale
+    lists several candidates). ``scoring="official"`` (default): the answer is ``official_answer`` (greedy, exact
+    tags), lowercased with '_' -> ' ' (``eval/evaluation.py``). ``scoring="strict"``: the greedy span of
+    ``prompts.answer_span`` (tags tolerate whitespace and case), whitespace collapsed on both sides.
     """
-    gt = _norm(_check_gt(ground_truth))
+    gt = _check_gt(ground_truth)
+    if _check_scoring(scoring) == "official":
+        ans = official_answer(text)
+        return bool(ans) and gt.lower().replace("_", " ") in ans.lower().replace("_", " ")
     ans = answer_span(text) if isinstance(text, str) else None
-    return ans is not None and gt in _norm(ans)
+    return ans is not None and _norm(gt) in _norm(ans)
 
 
-def open_world_prediction(text: str) -> str:
-    """The open-world prediction: the ``<answer>`` content if tagged, else the whole output
-    stripped (official ``base_output``)."""
+def open_world_prediction(text: str, scoring: str = "official") -> str:
+    """The open-world prediction (official ``base_output``).
+
+    ``scoring="official"`` (default): ``official_answer`` if it is non-empty, else the whole output, stripped (an
+    empty ``<answer></answer>`` falls back to the whole output, as in ``eval/evaluation.py``; stripping changes
+    neither TI nor the text encoders' tokens).
+    ``scoring="strict"``: the ``<answer>`` content if tagged (tags tolerate whitespace and case; an empty answer
+    gives ""), else the whole output stripped. Not a string -> "".
+    """
     if not isinstance(text, str):
         return ""
+    if _check_scoring(scoring) == "official":
+        return official_answer(text) or text.strip()
     ans = answer_span(text)
     return ans if ans is not None else text.strip()
 
@@ -110,26 +159,37 @@ def open_world_prediction(text: str) -> str:
 TI_DROP_LAST_WORDS = {"car": 2}
 
 
-def text_inclusion(text: str, ground_truth: str, drop_last_words: int = 0) -> bool:
-    """Open-world text inclusion (TI): the ground truth is contained in ``open_world_prediction(text)``.
+def text_inclusion(text: str, ground_truth: str, drop_last_words: int = 0, scoring: str = "official") -> bool:
+    """Open-world text inclusion (TI): the ground truth is contained in ``open_world_prediction(text, scoring)``.
 
-    Both sides lowercased, '_' -> ' ', whitespace collapsed.  ``drop_last_words`` removes that many
-    words from the end of the ground truth first (cars: 2); if that would leave nothing, the whole
-    ground truth is used (the official code would then match everything).
+    ``drop_last_words`` removes that many words from the end of the ground truth first (cars: 2); if that would
+    leave nothing, the whole ground truth is used (the official code would then match everything).
+    ``scoring="official"`` (default): as ``eval/evaluation.py``, both sides lowercased and '_' -> ' ' in the
+    ground truth only (not in the prediction; with ``drop_last_words`` not at all). ``scoring="strict"``: both
+    sides lowercased, '_' -> ' ', whitespace collapsed.
     """
     if drop_last_words < 0:
         raise ValueError(f"drop_last_words must be >= 0, got {drop_last_words}")
-    words = _norm(_check_gt(ground_truth)).split()
+    gt = _check_gt(ground_truth)
+    pred = open_world_prediction(text, scoring)
+    if scoring == "official":
+        words = gt.lower().split()
+        if drop_last_words:
+            needle = " ".join(words[:-drop_last_words] if len(words) > drop_last_words else words)
+        else:
+            needle = gt.lower().replace("_", " ")
+        return needle in pred.lower()
+    words = _norm(gt).split()
     if drop_last_words and len(words) > drop_last_words:
         words = words[:-drop_last_words]
-    return " ".join(words) in _norm(open_world_prediction(text))
+    return " ".join(words) in _norm(pred)
 
 
-def text_inclusion_for(super_category: str, text: str, ground_truth: str) -> bool:
+def text_inclusion_for(super_category: str, text: str, ground_truth: str, scoring: str = "official") -> bool:
     """``text_inclusion`` with the official per-dataset rule (``TI_DROP_LAST_WORDS``)."""
     if super_category not in SUPER_CATEGORIES:
         raise ValueError(f"unknown super-category {super_category!r}; expected one of {SUPER_CATEGORIES}")
-    return text_inclusion(text, ground_truth, TI_DROP_LAST_WORDS.get(super_category, 0))
+    return text_inclusion(text, ground_truth, TI_DROP_LAST_WORDS.get(super_category, 0), scoring)
 
 
 # --------------------------------------------------------------------------------------------

@@ -313,9 +313,14 @@ _HEADING_RE = re.compile(
 )
 _RULE_LINE = re.compile(r"^[ \t]*(?:-{3,}|\*{3,}|_{3,})[ \t]*$", re.M)
 _MARKER_LINE = re.compile(r"^([ \t]*)(?:[-*\u2022]|\(?\d{1,2}[.)]|\(?[A-Za-z]\))[ \t]+(\S.*?)[ \t]*$", re.M)
-_CANDIDATE_BLOCK = re.compile(r"analysis of candidate subcategories\s*:[ \t]*\n?(.*?)(?:\n[ \t]*\n|\Z)",
-                              re.IGNORECASE | re.DOTALL)
+# The two sentences every record of the official release carries, headed or not.
+_CANDIDATE_MARKER = re.compile(r"the analysis of candidate subcategories\s*:[ \t]*", re.IGNORECASE)
+_PREDICTION_MARKER = re.compile(r"the prediction is\s*:", re.IGNORECASE)
 _PREDICTION_LINE = re.compile(r"the prediction is\s*:\s*(.+)", re.IGNORECASE)
+# One list item line: indentation, then a number ("1." "2)" "(3)"), a bullet or a letter ("a)" "(b)").
+_ITEM = re.compile(r"^([ \t]*)(?:\(?(\d{1,2})[.)]|([-*\u2022])|\(?([A-Za-z])\))[ \t]+\S")
+_VERSUS = re.compile(r"\svs?\.?\s", re.IGNORECASE)
+_NAME_SEP = re.compile(r"\s[-\u2013\u2014]\s")  # "Hyundai Santa Fe - Another SUV": a spaced dash ends the name
 
 
 def _clean_section(s: str) -> str | None:
@@ -323,23 +328,72 @@ def _clean_section(s: str) -> str | None:
     return s or None
 
 
+def _item_name(item: str) -> str:
+    item = item.replace("**", "").replace("__", "")
+    return _clean_item(_NAME_SEP.split(item.split(":", 1)[0], 1)[0])
+
+
 def _list_items(section: str | None) -> list[str]:
-    """Top-level bulleted/numbered items of a section (text after ':' dropped), else split_options."""
+    """Top-level bulleted/numbered items of a section (text after ':' or a spaced dash dropped), else
+    split_options of its last paragraph."""
     if not section:
         return []
     marked = [(len(m.group(1).expandtabs(4)), m.group(2)) for m in _MARKER_LINE.finditer(section)]
     if marked:
         top = min(ind for ind, _ in marked)
-        items = []
-        for ind, item in marked:
-            if ind <= top + 1:
-                item = item.replace("**", "").replace("__", "")
-                items.append(_clean_item(item.split(":", 1)[0]))
-        return _dedupe(items)
+        return _dedupe([_item_name(item) for ind, item in marked if ind <= top + 1])
     tail = section.strip().split("\n\n")[-1]
     if ":" in tail:
         tail = tail.rsplit(":", 1)[1]
     return split_options(tail)
+
+
+def _item_kind(line: str) -> tuple[int, str, int | None] | None:
+    """(indent, kind, number) of a list item line ("num" / "bullet" / "letter"), else None."""
+    m = _ITEM.match(line)
+    if m is None:
+        return None
+    kind = "num" if m.group(2) else "bullet" if m.group(3) else "letter"
+    return len(m.group(1).expandtabs(4)), kind, int(m.group(2)) if m.group(2) else None
+
+
+def _paragraphs(text: str, offset: int) -> list[tuple[int, int, list[str]]]:
+    """(start, end, lines) of the blank-line separated paragraphs of ``text`` (positions + ``offset``)."""
+    return [(offset + m.start(), offset + m.end(), m.group(0).rstrip("\n").split("\n"))
+            for m in re.finditer(r"(?:[^\n]*\S[^\n]*(?:\n|$))+", text)]
+
+
+def _candidate_list(body: str, start: int, end: int) -> tuple[list[str], int, int]:
+    """The candidate list that follows "The analysis of candidate subcategories:" (``body[start:end]``).
+
+    Accepted: a numbered / bulleted list (items may have descriptions after ':' and indented sub-points, and may be
+    separated by blank lines), or one comma-separated line; up to two introduction paragraphs before it
+    ("Based on ..., the candidates are:") are skipped. The list ends at the first paragraph that does not continue
+    it (plain text, another item kind, a numbering restart, two blank lines, an "A vs. B" item). Returns (names, list start, list end).
+    """
+    paras = _paragraphs(body[start:end], start)
+    for i, (p_start, p_end, lines) in enumerate(paras[:3]):
+        first = next((j for j, line in enumerate(lines) if _item_kind(line)), None)
+        if first is None:
+            text = " ".join(line.strip() for line in lines)
+            if not text.rstrip().endswith(":") and ("," in text or ";" in text) and len(lines) == 1:
+                return split_options(text), p_start, p_end  # "A, B, C, D"
+            continue  # an introduction paragraph
+        indent, kind, number = _item_kind(lines[first])
+        list_start = p_start + sum(len(line) + 1 for line in lines[:first])
+        list_end, last = p_end, number
+        for q_start, q_end, q_lines in paras[i + 1:]:
+            head = _item_kind(q_lines[0])
+            if head is None or head[1] != kind or head[0] > indent + 1:
+                break
+            if body.count("\n", list_end, q_start) >= 2 or _VERSUS.search(q_lines[0]):
+                break  # two blank lines, or "A vs. B": the comparison follows
+            if kind == "num" and last is not None and head[2] is not None and head[2] <= last:
+                break  # numbering restarts: a new list (e.g. the comparison)
+            last = head[2] if head[2] is not None else last
+            list_end = q_end
+        return _list_items(body[list_start:list_end]), list_start, list_end
+    return [], start, start
 
 
 def _think_body(text: str) -> str:
@@ -353,33 +407,54 @@ def _think_body(text: str) -> str:
 
 
 def _parse_headed(text: str) -> dict:
+    """Sections of the official release: headings where there are some, else (or where one is missing) the two
+    sentences every record carries, "The analysis of candidate subcategories:" and "The prediction is:"."""
     body = _think_body(text)
-    heads = list(_HEADING_RE.finditer(body))
+    # (start, content start, kind) of every section boundary
+    bounds = [(m.start(), m.end(), next(k for k in _HEADING_NAMES if m.group(k) is not None), m.group("rest") or "")
+              for m in _HEADING_RE.finditer(body)]
+    kinds = {b[2] for b in bounds}
+    cand = _CANDIDATE_MARKER.search(body)
+    from_marker = cand is not None and "options" not in kinds
+    if from_marker:  # the candidate sentence opens the options section
+        bounds.append((cand.start(), cand.end(), "options", ""))
+    after = cand.end() if cand is not None else 0
+    pred = _PREDICTION_MARKER.search(body, after)
+    if pred is not None and not any(k == "prediction" and s < pred.start() for s, _, k, _ in bounds):
+        bounds.append((pred.start(), pred.start(), "prediction", ""))  # ends the comparison
+    bounds.sort()
+    if not bounds:
+        return {"analysis": None, "options": [], "comparison": None, "prediction": None}
+
     sections: dict[str, list[str]] = {}
-    preamble = body[:heads[0].start()] if heads else body
-    for i, m in enumerate(heads):
-        kind = next(k for k in _HEADING_NAMES if m.group(k) is not None)
-        end = heads[i + 1].start() if i + 1 < len(heads) else len(body)
-        content = ((m.group("rest") or "") + "\n" + body[m.end():end]).strip("\n")
+    comparison_extra, options, described = [], [], None
+    for i, (s, c, kind, rest) in enumerate(bounds):
+        end = bounds[i + 1][0] if i + 1 < len(bounds) else len(body)
+        if from_marker and s == cand.start() and kind == "options":
+            options, l_start, l_end = _candidate_list(body, c, end)
+            described = body[l_start:l_end]
+            comparison_extra.append(body[l_end:end])
+            continue
+        content = (rest + "\n" + body[c:end]).strip("\n")
         sections.setdefault(kind, []).append(content)
 
     def joined(kind, extra=()):
         parts = [_clean_section(x) for x in [*extra, *sections.get(kind, [])]]
         return _clean_section("\n\n".join(x for x in parts if x))
 
-    if not heads:
-        return {"analysis": None, "options": [], "comparison": None, "prediction": None}
-    analysis = joined("analysis", [preamble])
-    options = _list_items(joined("options"))
+    analysis = joined("analysis", [body[:bounds[0][0]]])
     if not options:
-        block = _CANDIDATE_BLOCK.search(body)
-        options = _list_items(block.group(1)) if block else []
+        options = _list_items(joined("options"))
+    if not options and cand is not None:
+        options, l_start, l_end = _candidate_list(body, cand.end(), len(body))
+    comparison = joined("comparison", comparison_extra)
+    if comparison is None and described and any(":" in line for line in described.split("\n")):
+        comparison = _clean_section(described)  # candidates described one against the others, nothing else
     prediction = extract_tag(text, "answer")
     if not prediction:
         lines = _PREDICTION_LINE.findall(body)
         prediction = _clean_item(lines[-1]) if lines else joined("prediction")
-    return {"analysis": analysis, "options": options, "comparison": joined("comparison"),
-            "prediction": prediction or None}
+    return {"analysis": analysis, "options": options, "comparison": comparison, "prediction": prediction or None}
 
 
 def parse_structured_cot(text: str) -> dict:

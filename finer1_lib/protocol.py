@@ -10,8 +10,8 @@
 """
 from __future__ import annotations
 
-import json
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from .io import iter_jsonl, write_jsonl
+from .io import DataError, iter_jsonl_numbered, read_json, write_jsonl
 from .records import OFFICIAL_SPLITS_DIR, SUPER_CATEGORIES, ImageRecord
 
 EmbedFn = Callable[[Sequence[Image.Image]], np.ndarray]
@@ -39,9 +39,12 @@ def question_templates(super_category: str) -> list[str]:
         raise ValueError(f"unknown super-category {super_category!r}; expected one of {SUPER_CATEGORIES}")
     if not path.is_file():
         raise FileNotFoundError(f"question templates not found: expected {path}")
-    questions = json.loads(path.read_text())["questions"]
+    data = read_json(path, "official split file")
+    questions = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(questions, list) or not all(isinstance(q, str) and q.strip() for q in questions):
+        raise DataError(f"{path}: expected a JSON object with a 'questions' list of strings")
     if len(questions) != 10:
-        raise ValueError(f"{path}: expected 10 question templates, found {len(questions)}")
+        raise DataError(f"{path}: expected 10 question templates, found {len(questions)}")
     return questions
 
 
@@ -243,23 +246,72 @@ def write_eval_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return write_jsonl(path, rows)
 
 
-def read_eval_jsonl(path: str | Path, super_category: str | None = None, split: str | None = None) -> list[dict]:
+_SPLITS = ("seen", "unseen")
+
+
+def _name_tokens(path: str | Path) -> list[str]:
+    return [t for t in re.split(r"[^a-z0-9]+", Path(path).stem.lower()) if t]
+
+
+def super_category_from_file_name(path: str | Path) -> str | None:
+    """The super-category named by a file name (``bird_seen.jsonl``, ``Cars-test.jsonl``), else None."""
+    tokens = _name_tokens(path)
+    return next((sc for sc in SUPER_CATEGORIES if sc in tokens or sc + "s" in tokens), None)
+
+
+def split_from_file_name(path: str | Path) -> str | None:
+    """"seen" / "unseen" when the file name says so (``bird_unseen.jsonl``), else None."""
+    tokens = _name_tokens(path)
+    return next((s for s in ("unseen", "seen") if s in tokens), None)
+
+
+def read_eval_jsonl(path: str | Path, super_category: str | None = None, split: str | None = None,
+                    allow_empty: bool = False) -> list[dict]:
     """Read an eval JSONL file: ours or the official release (same four keys; metadata optional).
 
-    Missing metadata is filled in: ``super_category`` from the argument (or the file name, e.g.
-    ``bird_seen.jsonl``), ``split`` likewise."""
-    stem = Path(path).stem.lower()
+    Metadata a record lacks is filled in. ``super_category``: the argument, else the file name (``bird_seen.jsonl``),
+    else the dataset folder in the image path (the official eval code's rule, e.g. ``.../bird_200/images/...``,
+    see :func:`finer1_lib.datasets.super_category_from_path`). ``split``: the argument, else the file name
+    (``..._unseen.jsonl``). When neither says, a DataError names the file and how to pass it (no record is
+    returned with a None super-category or split, which the summaries would silently drop). An empty file is a
+    DataError too unless ``allow_empty``.
+    """
+    from .datasets import super_category_from_path
+
+    for name, value, allowed in (("super_category", super_category, SUPER_CATEGORIES), ("split", split, _SPLITS)):
+        if value is not None and value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+    file_sc, file_split = super_category_from_file_name(path), split_from_file_name(path)
     rows = []
-    for lineno, row in enumerate(iter_jsonl(path), 1):
+    for lineno, row in iter_jsonl_numbered(path):
+        where = f"{path}:{lineno}"
         missing = [k for k in EVAL_KEYS if k not in row]
         if missing:
-            raise ValueError(f"{path}:{lineno}: eval record is missing {missing} (has {sorted(row)})")
+            raise DataError(f"{where}: eval record is missing {missing} (has {sorted(row)})")
         if not isinstance(row["options"], list) or len(row["options"]) < 2:
-            raise ValueError(f"{path}:{lineno}: 'options' must be a list of at least 2 names")
+            raise DataError(f"{where}: 'options' must be a list of at least 2 names")
         row = dict(row)
-        if "super_category" not in row:
-            row["super_category"] = super_category or next((s for s in SUPER_CATEGORIES if s in stem), None)
-        if "split" not in row:
-            row["split"] = split or ("unseen" if "unseen" in stem else "seen" if "seen" in stem else None)
+        if row.get("super_category") is None:
+            row["super_category"] = (super_category or file_sc
+                                     or super_category_from_path(str(row["image_path"])))
+            if row["super_category"] is None:
+                raise DataError(
+                    f"{where}: cannot tell the super-category of this eval record: it has no 'super_category' key, "
+                    f"and neither the file name nor the image path {row['image_path']!r} names one; pass "
+                    f"super_category=... (one of {', '.join(SUPER_CATEGORIES)}) or name the file like "
+                    f"bird_seen.jsonl")
+        elif row["super_category"] not in SUPER_CATEGORIES:
+            raise DataError(f"{where}: unknown super_category {row['super_category']!r}; expected one of "
+                            f"{SUPER_CATEGORIES}")
+        if row.get("split") is None:
+            row["split"] = split or file_split
+            if row["split"] is None:
+                raise DataError(f"{where}: cannot tell whether this eval record is of a seen or an unseen class: it "
+                                f"has no 'split' key and the file name does not say; pass split='seen' or "
+                                f"split='unseen', or name the file like bird_seen.jsonl / bird_unseen.jsonl")
+        elif row["split"] not in _SPLITS:
+            raise DataError(f"{where}: unknown split {row['split']!r}; expected one of {_SPLITS}")
         rows.append(row)
+    if not rows and not allow_empty:
+        raise DataError(f"{path}: no eval records (the file is empty)")
     return rows

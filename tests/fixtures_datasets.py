@@ -322,3 +322,33 @@ def build_all(root: Path, flower_names: tuple[str, ...]) -> dict[str, Path]:
         folder.mkdir(parents=True)
         out[name] = build(folder)
     return out
+
+
+# --------------------------------------------------------------------------- official folder names
+
+#: Where the official eval files (FOCI-Benchmark layout) keep each dataset, under ``FOCI-Benchmark/data``.
+OFFICIAL_EVAL_FOLDERS = {
+    "bird": "train/bird_200", "car": "test/stanford-cars", "dog": "train/dogs_120",
+    "flower": "test/flower102", "aircraft": "test/fgvc_aircraft", "pet": "test/oxford-pet",
+}
+
+
+def build_official_eval_tree(root: Path, flower_names: tuple[str, ...]) -> Path:
+    """The six fake datasets under the official eval folder names (``<root>/FOCI-Benchmark/data/train/bird_200/
+    images/...``, ``.../test/stanford-cars/cars_test/...``, ``.../test/fgvc_aircraft/data/images/...``);
+    returns the ``FOCI-Benchmark/data`` folder."""
+    data = root / "FOCI-Benchmark" / "data"
+    staging = root / "staging"
+    for sc, rel in OFFICIAL_EVAL_FOLDERS.items():
+        target = data / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if sc == "bird":
+            build_cub(staging / sc).joinpath("CUB_200_2011").rename(target)
+        elif sc == "aircraft":
+            target.mkdir()
+            build_aircraft(staging / sc).joinpath("fgvc-aircraft-2013b", "data").rename(target / "data")
+        else:
+            target.mkdir()
+            {"car": build_cars, "dog": build_dogs, "pet": build_pets,
+             "flower": lambda p: build_flowers(p, flower_names)}[sc](target)
+    return data

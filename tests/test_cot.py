@@ -10,8 +10,9 @@ from finer1_lib.benchmark import build_benchmark
 from finer1_lib.concepts import choose_images
 from finer1_lib.cot import (REJECT_REASONS, CotSample, HFTeacher, KnowledgeBaseTeacher, Teacher,
                             build_cot_dataset, check_teacher_output, cot_question, direct_answer_samples,
-                            is_english, read_sharegpt, to_sharegpt, write_sharegpt)
+                            is_english, name_keys, names_match, read_sharegpt, to_sharegpt, write_sharegpt)
 from finer1_lib.model import build_processor, build_tiny_model, build_tokenizer
+from finer1_lib.io import DataError
 from finer1_lib.prompts import SFT_SYSTEM_PROMPT, cot_teacher_prompt, is_well_formed
 from finer1_lib.protocol import question_templates
 from finer1_lib.world import World
@@ -231,7 +232,7 @@ def test_sharegpt_round_trip(tmp_path, bench, recs, world, name):
     assert first == to_sharegpt(samples[0])
     assert [m["role"] for m in first["messages"]] == ["system", "user", "assistant"]
     assert first["messages"][1]["content"] == "<image>" + samples[0].question and first["images"] == [recs[0].path]
-    rows = read_sharegpt(path)
+    rows = read_sharegpt(path, check_images=False)
     assert len(rows) == len(samples)
     for s, row in zip(samples, rows):
         assert row["system"] == s.system and row["prompt"] == s.question and row["response"] == s.response
@@ -268,7 +269,7 @@ OFFICIAL = [
 def test_read_official_stage1_layout(tmp_path):
     path = tmp_path / "Fine-R1-Stage1-data.json"
     path.write_text(json.dumps(OFFICIAL, indent=2))
-    a, b = read_sharegpt(path, image_root="/root")
+    a, b = read_sharegpt(path, image_root="/root", check_images=False)
     assert a["prompt"] == "What is the birds name in this image?" and a["system"] == SFT_SYSTEM_PROMPT
     assert a["options"] == ["Laysan Albatross", "Black-footed Albatross", "Sooty Albatross", "Western Gull"]
     assert a["prediction"] == a["answer"] == "Laysan Albatross" and a["label"] is None
@@ -291,23 +292,23 @@ def test_read_sharegpt_bad_inputs(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n  {"messages": [}\n]')
     with pytest.raises(ValueError, match="broken.json:2"):
-        read_sharegpt(broken)
+        read_sharegpt(broken, check_images=False)
     lines = tmp_path / "broken.jsonl"
     lines.write_text(json.dumps(good) + "\n{oops\n")
     with pytest.raises(ValueError, match="broken.jsonl:2"):
-        read_sharegpt(lines)
+        read_sharegpt(lines, check_images=False)
     with pytest.raises(ValueError, match="record 1: missing or empty 'messages'"):
-        read_sharegpt(_bad(tmp_path, [good, {"images": ["a.jpg"]}]))
+        read_sharegpt(_bad(tmp_path, [good, {"images": ["a.jpg"]}]), check_images=False)
     with pytest.raises(ValueError, match="record 0: missing or empty 'images'"):
-        read_sharegpt(_bad(tmp_path, [{"messages": good["messages"]}]))
+        read_sharegpt(_bad(tmp_path, [{"messages": good["messages"]}]), check_images=False)
     swapped = dict(good, messages=[good["messages"][0], good["messages"][2], good["messages"][1]])
     with pytest.raises(ValueError, match="record 2: roles must be"):
-        read_sharegpt(_bad(tmp_path, [good, good, swapped]))
+        read_sharegpt(_bad(tmp_path, [good, good, swapped]), check_images=False)
     no_image = dict(good, messages=[good["messages"][0], {"role": "user", "content": "Name?"}, good["messages"][2]])
     with pytest.raises(ValueError, match="record 0: the user turn has 0 <image>"):
-        read_sharegpt(_bad(tmp_path, [no_image]))
+        read_sharegpt(_bad(tmp_path, [no_image]), check_images=False)
     with pytest.raises(ValueError, match="record 0: expected a JSON object"):
-        read_sharegpt(_bad(tmp_path, [["not", "a", "record"]]))
+        read_sharegpt(_bad(tmp_path, [["not", "a", "record"]]), check_images=False)
 
 
 def test_direct_answer_samples(tmp_path, bench, recs, world):
@@ -317,7 +318,117 @@ def test_direct_answer_samples(tmp_path, bench, recs, world):
     assert [(d.image_path, d.question, d.system) for d in direct] == [(s.image_path, s.question, s.system)
                                                                     for s in samples]
     assert samples[0].response.startswith("<think>")  # originals untouched
-    rows = read_sharegpt(write_sharegpt(tmp_path / "direct.jsonl", direct))
+    rows = read_sharegpt(write_sharegpt(tmp_path / "direct.jsonl", direct), image_root=bench.root)
     assert [r["answer"] for r in rows] == [s.label for s in samples] and rows[0]["options"] == []
     assert direct_answer_samples(samples, system="Answer briefly.")[0].system == "Answer briefly."
     assert isinstance(direct[0], CotSample)
+
+
+# ------------------------------------------------------------------------------------ official Stage-1 data
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures_datasets as fx  # noqa: E402
+import fixtures_stage1 as s1  # noqa: E402
+
+
+def _write_stage1(tmp_path, records=None, images=True):
+    """The fixture records as an official-style JSON array, with their images under ``tmp_path/images``."""
+    records = s1.RECORDS if records is None else records
+    path = tmp_path / "Fine-R1-Stage1-data.json"
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False))
+    if images:
+        for rec in records:
+            fx.write_jpeg(tmp_path / "images" / rec["images"][0])
+    return path
+
+
+def test_every_official_shape_parses_into_four_sections(tmp_path):
+    rows = read_sharegpt(_write_stage1(tmp_path), image_root=tmp_path / "images")
+    assert len(rows) == len(s1.CASES)
+    for row, (name, rec, want) in zip(rows, s1.CASES):
+        assert row["analysis"] and row["options"] and row["comparison"] and row["prediction"], name
+        assert row["options"] == want["options"], name
+        assert row["analysis"].startswith(want["analysis"]), name
+        assert want["comparison"] in row["comparison"] and want["not_in_comparison"] not in row["comparison"], name
+        assert row["prediction"] == row["answer"] == want["prediction"], name
+        assert row["super_category"] == want["super_category"], name
+        assert row["image_path"] == str(tmp_path / "images" / rec["images"][0])
+        assert row["system"] == SFT_SYSTEM_PROMPT and not row["prompt"].startswith("<image>")
+
+
+@pytest.mark.parametrize("case", [c[0] for c in s1.CASES])
+def test_official_shapes_pass_the_filter(case):
+    """Each shape passes check_teacher_output against its label: parseable, and the ground truth is among the
+    candidates even when they carry a Latin name or a year in parentheses."""
+    _, rec, want = next(c for c in s1.CASES if c[0] == case)
+    output = rec["messages"][2]["content"]
+    reason, cot = check_teacher_output(output.replace(f"<answer>{want['prediction']}<", f"<answer>{want['label']}<"),
+                                       want["label"])
+    assert reason is None, (case, reason, cot)
+
+
+@pytest.mark.parametrize("candidate, label", [
+    ("Laysan Albatross (Phoebastria immutabilis)", "Laysan Albatross"),
+    ("Audi S4 Sedan (2012)", "Audi S4 Sedan 2012"),
+    ("Chevrolet Malibu Sedan (2007)", "chevrolet_malibu_sedan_2007"),
+    ("Tu-154 (Tupolev Tu-154)", "Tu-154"),
+    ("Painted Bunting", "Painted Bunting (Passerina ciris)"),
+])
+def test_parenthesised_extras_match(candidate, label):
+    assert names_match(candidate, label) and names_match(label, candidate)
+    gt = label
+    others = ["Sooty Albatross", "Western Gull"]
+    assert check_teacher_output(_cot([candidate, *others], gt), gt)[0] is None
+
+
+def test_parenthesised_extras_do_not_match_other_names():
+    assert not names_match("Audi S4 Sedan (2007)", "Audi S4 Sedan 2012")
+    assert not names_match("Sooty Albatross (Phoebetria fusca)", "Laysan Albatross")
+    assert name_keys("Audi S4 Sedan (2012)") == {"audi s4 sedan (2012)", "audi s4 sedan", "audi s4 sedan 2012"}
+    assert check_teacher_output(_cot(["Audi S4 Sedan (2007)", "Audi S5 Coupe"], "Audi S4 Sedan 2012"),
+                                "Audi S4 Sedan 2012")[0] == "gt_missing"
+
+
+def test_missing_image_names_record_and_path(tmp_path):
+    path = _write_stage1(tmp_path, images=False)
+    with pytest.raises(DataError, match=r"Fine-R1-Stage1-data\.json: record 0: image not found: .*1838247\.jpg "
+                                        r"\(check image_root, or dataset_roots=\{'aircraft'") as e:
+        read_sharegpt(path, image_root=tmp_path / "images")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=r"record 0: image not found: fgvc-aircraft-2013b-train/images/1838247\.jpg "
+                                        r"\(pass image_root="):
+        read_sharegpt(path)
+    assert len(read_sharegpt(path, check_images=False)) == len(s1.CASES)
+    fx.write_jpeg(tmp_path / "images" / s1.RECORDS[0]["images"][0])
+    with pytest.raises(DataError, match=r"record 1: image not found: .*0758130\.jpg"):
+        read_sharegpt(path, image_root=tmp_path / "images")
+
+
+def test_stage1_images_from_a_standard_dataset_copy(tmp_path):
+    """With dataset_roots, a Stage-1 image that is not under image_root is taken from a standard copy of its
+    dataset (bird_200/images_train/<class>/<file> -> CUB_200_2011/images/<class>/<file>)."""
+    from finer1_lib.datasets import read_cub
+
+    cub_root = fx.build_cub(tmp_path / "cub")
+    bird = next(r for r in read_cub(cub_root) if r.partition == "train")
+    rel = Path(bird.path).relative_to(cub_root / "CUB_200_2011" / "images").as_posix()
+    rec = s1.record("What is the proper name of this bird?", s1.LATIN, "Painted Bunting",
+                    f"bird_200/images_train/{rel}")
+    path = _write_stage1(tmp_path, [rec], images=False)
+    (row,) = read_sharegpt(path, image_root=tmp_path / "nowhere", dataset_roots={"bird": cub_root})
+    assert row["image_path"] == bird.path and row["super_category"] == "bird"
+    with pytest.raises(DataError, match="image not found"):
+        read_sharegpt(path, image_root=tmp_path / "nowhere", dataset_roots={"car": cub_root})
+
+
+def test_sharegpt_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "sft.json"
+    path.write_bytes(json.dumps(s1.RECORDS[:1]).encode().replace(b"fighter", b"fight\xe9r", 1))
+    with pytest.raises(DataError, match=r"sft\.json:\d+: sharegpt file is not UTF-8 text"):
+        read_sharegpt(path, check_images=False)
+    lines = tmp_path / "sft.jsonl"
+    lines.write_bytes(b"\n".join(json.dumps(r).encode() for r in s1.RECORDS[1:3]).replace(b"ATR", b"\xc0TR", 1))
+    with pytest.raises(DataError, match=r"sft\.jsonl:2: sharegpt file is not UTF-8 text"):
+        read_sharegpt(lines, check_images=False)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_datasets as fx  # noqa: E402
 
 from finer1_lib import datasets as ds  # noqa: E402
+from finer1_lib.io import DataError  # noqa: E402
 from finer1_lib.records import SUPER_CATEGORIES  # noqa: E402
 
 EXPECTED_SPLITS = {"aircraft": (60, 40), "bird": (120, 80), "car": (117, 79),
@@ -248,3 +249,70 @@ def test_match_official_labels_rejects_unknown(records):
 def test_read_dataset_unknown_name(tmp_path):
     with pytest.raises(ValueError, match="unknown super-category"):
         ds.read_dataset("fish", tmp_path)
+
+
+# --------------------------------------------------------------------------- official folder names
+
+@pytest.fixture(scope="module")
+def foci(tmp_path_factory) -> Path:
+    return fx.build_official_eval_tree(tmp_path_factory.mktemp("foci"), ds.FLOWER_CLASS_NAMES)
+
+
+@pytest.mark.parametrize("sc", SUPER_CATEGORIES)
+def test_official_eval_folder_names_are_aliases(foci, records, sc):
+    """The readers find a dataset under its folder name of the official eval files (bird_200/, stanford-cars/,
+    ...), given that folder, its parent, or the FOCI-Benchmark/data folder above train/ and test/."""
+    want = [(r.image_id, r.label, r.partition) for r in records[sc]]
+    folder = foci / fx.OFFICIAL_EVAL_FOLDERS[sc]
+    for root in (foci, folder.parent, folder):
+        got = ds.read_dataset(sc, root)
+        assert [(r.image_id, r.label, r.partition) for r in got] == want
+        assert all(Path(r.path).is_file() for r in got[:3])
+        assert all(ds.super_category_from_path(r.path) == sc for r in got[:3])
+
+
+@pytest.mark.parametrize("sc", SUPER_CATEGORIES)
+def test_stage1_image_folders_map_onto_a_standard_copy(roots, records, sc):
+    """An image path of the official Stage-1 file (bird_200/images_train/<class>/<file>, stanford_cars_train/
+    images/<file>, ...) names a file of the standard dataset: stage1_dataset_path finds it."""
+    info = ds.DATASET_INFO[sc]
+    base = ds._locate(sc, roots[sc])
+    for r in [r for r in records[sc] if r.partition == "train"][:3]:
+        rel = Path(r.path).relative_to(base / info.image_dir).as_posix()
+        stage1 = f"{info.stage1_dir}/{rel}"
+        assert ds.super_category_from_path(stage1) == sc
+        assert ds.stage1_dataset_path(stage1, roots[sc]) == Path(r.path)
+        assert ds.stage1_dataset_path("/somewhere/" + stage1, roots[sc], sc) == Path(r.path)
+    with pytest.raises(ValueError, match="not under an official Stage-1 image folder"):
+        ds.stage1_dataset_path("images/x.jpg", roots[sc], sc)
+
+
+@pytest.mark.parametrize("path, sc", [
+    ("fgvc-aircraft-2013b-train/images/1838247.jpg", "aircraft"),
+    ("stanford_cars_train/images/07208.jpg", "car"),
+    ("dogs_120/image_train/train/n02113023-Pembroke/n02113023_11103.jpg", "dog"),
+    ("bird_200/images_train/174.Palm_Warbler/Palm_Warbler_0055_170219.jpg", "bird"),
+    ("oxford-pet-train/train/Siamese_161.jpg", "pet"),
+    ("flower102_train/image/train/image_03510.jpg", "flower"),
+    ("/data/u/FOCI-Benchmark/data/test/stanford-cars/cars_test/05409.jpg", "car"),
+    ("/data/CUB_200_2011/images/001.Black_footed_Albatross/x.jpg", "bird"),
+    ("C:\\data\\oxford-iiit-pet\\images\\Bombay_16.jpg", "pet"),
+    ("images/n02085936-Maltese_dog/y.jpg", None),
+    ("mydata/birds/x.jpg", None),
+])
+def test_super_category_from_path(path, sc):
+    assert ds.super_category_from_path(path) == sc
+
+
+def test_index_file_not_utf8_names_file_and_line(cub):
+    path = cub / "CUB_200_2011" / "classes.txt"
+    path.write_bytes(path.read_bytes().replace(b"Laysan", b"Lays\xe1n", 1))
+    with pytest.raises(DataError, match=r"classes\.txt:2: index file is not UTF-8 text"):
+        ds.read_cub(cub)
+
+
+def test_official_split_file_bad_json_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(ds, "OFFICIAL_SPLITS_DIR", tmp_path)
+    (tmp_path / "bird.json").write_text('{"seen": ["A",]}')
+    with pytest.raises(DataError, match=r"bird\.json:1: official split file is not valid JSON"):
+        ds.load_official_split("bird")

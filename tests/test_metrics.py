@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from finer1_lib.metrics import (
-    TI_DROP_LAST_WORDS, SemanticSimilarity, accuracy_reward, closed_world_correct, format_reward,
-    get_text_encoder, hash_encoder, open_world_prediction, relative_ss, reward, text_inclusion,
+    SCORINGS, TI_DROP_LAST_WORDS, SemanticSimilarity, accuracy_reward, closed_world_correct, format_reward,
+    get_text_encoder, hash_encoder, official_answer, open_world_prediction, relative_ss, reward, text_inclusion,
     text_inclusion_for,
 )
 
@@ -45,44 +45,104 @@ def test_reward_weights_and_empty_gt():
 
 
 # ---------------------------------------------------------------- closed world
-def test_closed_world_correct():
-    assert closed_world_correct(GOOD, GT)
-    assert closed_world_correct("<think>x</think><answer>(A) laysan_albatross</answer>", GT)
-    assert closed_world_correct("<answer>LAYSAN   ALBATROSS</answer>", "Laysan_Albatross")
-    assert closed_world_correct("< answer >Laysan Albatross</ answer >", GT)
-    assert not closed_world_correct("<think>Laysan Albatross vs Sooty Albatross</think><answer>Sooty Albatross</answer>", GT)
-    assert not closed_world_correct("<think>Laysan Albatross vs Sooty Albatross</think> Laysan Albatross", GT)
-    assert not closed_world_correct("Laysan Albatross", GT)
-    assert not closed_world_correct("<answer>Laysan Albatross", GT)
-    assert not closed_world_correct("<answer></answer>", GT)
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_closed_world_correct_common(scoring):
+    assert closed_world_correct(GOOD, GT, scoring)
+    assert closed_world_correct("<think>x</think><answer>(A) laysan_albatross</answer>", GT, scoring)
+    assert closed_world_correct("<answer>laysan albatross</answer>", "Laysan_Albatross", scoring)
+    assert not closed_world_correct("<think>Laysan Albatross vs Sooty Albatross</think><answer>Sooty Albatross</answer>",
+                                    GT, scoring)
+    assert not closed_world_correct("<think>Laysan Albatross vs Sooty Albatross</think> Laysan Albatross", GT, scoring)
+    assert not closed_world_correct("Laysan Albatross", GT, scoring)
+    assert not closed_world_correct("<answer>Laysan Albatross", GT, scoring)
+    assert not closed_world_correct("<answer></answer>", GT, scoring)
+    assert closed_world_correct("<answer>Sooty</answer> x <answer>Laysan Albatross</answer>", GT, scoring)  # greedy
+
+
+def test_closed_world_default_is_official():
+    assert closed_world_correct("< answer >Laysan Albatross</ answer >", GT) is False
+    assert closed_world_correct("< answer >Laysan Albatross</ answer >", GT, "strict") is True
+    with pytest.raises(ValueError, match="lenient"):
+        closed_world_correct(GOOD, GT, "lenient")
+
+
+def test_official_answer_is_eval_extract_answer():
+    assert official_answer("<think>x</think><answer> Laysan </answer>") == "Laysan"
+    assert official_answer("<answer>Sooty</answer> x <answer>Laysan</answer>") == "Sooty</answer> x <answer>Laysan"
+    assert official_answer("<answer></answer>") == ""
+    assert official_answer("< answer >Laysan</answer>") is None and official_answer("<ANSWER>Laysan</ANSWER>") is None
+    assert official_answer(None) is None
+
+
+# The edge cases where the official eval code and the strict rules part ways:
+# (output, ground truth, super-category, closed official, closed strict, TI official, TI strict)
+EDGE_CASES = {
+    "empty answer falls back to the whole output (open world)":
+        ("<think>white head: a Laysan Albatross</think><answer></answer>", GT, "bird", False, False, True, False),
+    "underscores in the prediction are not spaces (open world)":
+        ("<think>x</think><answer>laysan_albatross</answer>", GT, "bird", True, True, False, True),
+    "tag case: <Answer> is no tag":
+        ("<think>Laysan Albatross?</think><Answer>Sooty Albatross</Answer>", GT, "bird", False, False, True, False),
+    "tag case, right answer":
+        ("<Answer>Laysan Albatross</Answer>", GT, "bird", False, True, True, True),
+    "spaces inside tags: < answer > is no tag":
+        ("<think>Laysan Albatross or Sooty Albatross</think>< answer >Sooty Albatross</ answer >", GT, "bird",
+         False, False, True, False),
+    "spaces inside tags, right answer":
+        ("< answer >Laysan Albatross</ answer >", GT, "bird", False, True, True, True),
+    "whitespace runs are not collapsed":
+        ("<answer>Laysan   Albatross</answer>", GT, "bird", False, True, False, True),
+    "cars: year and body dropped, case kept apart":
+        ("<answer>AUDI S5 coupe</answer>", "Audi S5 Coupe 2012", "car", False, False, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_scoring_edge_cases_official_vs_strict(case):
+    text, gt, sc, closed_off, closed_strict, ti_off, ti_strict = EDGE_CASES[case]
+    assert closed_world_correct(text, gt) is closed_off            # default = official
+    assert closed_world_correct(text, gt, "official") is closed_off
+    assert closed_world_correct(text, gt, "strict") is closed_strict
+    assert text_inclusion_for(sc, text, gt) is ti_off
+    assert text_inclusion_for(sc, text, gt, "official") is ti_off
+    assert text_inclusion_for(sc, text, gt, "strict") is ti_strict
 
 
 def test_open_world_prediction():
-    assert open_world_prediction(GOOD) == "Laysan Albatross"
-    assert open_world_prediction("  It is a Laysan Albatross.\n") == "It is a Laysan Albatross."
-    assert open_world_prediction("<think>x</think><answer>Laysan") == "<think>x</think><answer>Laysan"
+    for scoring in SCORINGS:
+        assert open_world_prediction(GOOD, scoring) == "Laysan Albatross"
+        assert open_world_prediction("  It is a Laysan Albatross.\n", scoring) == "It is a Laysan Albatross."
+        assert open_world_prediction("<think>x</think><answer>Laysan", scoring) == "<think>x</think><answer>Laysan"
+        assert open_world_prediction(None, scoring) == ""
+    empty = "<think>a Laysan Albatross</think><answer> </answer>"
+    assert open_world_prediction(empty) == empty                    # official: the whole output
+    assert open_world_prediction(empty, "strict") == ""
+    assert open_world_prediction("< answer >Laysan</answer >") == "< answer >Laysan</answer >"
+    assert open_world_prediction("< answer >Laysan</answer >", "strict") == "Laysan"
 
 
 # ---------------------------------------------------------------- text inclusion
-def test_text_inclusion():
-    assert text_inclusion(GOOD, GT)
-    assert text_inclusion("It is a laysan albatross", "Laysan_Albatross")   # untagged: whole output
-    assert not text_inclusion("<think>Laysan Albatross</think><answer>Albatross</answer>", GT)
-    assert not text_inclusion("<answer>Laysan</answer>", GT)
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_text_inclusion(scoring):
+    assert text_inclusion(GOOD, GT, scoring=scoring)
+    assert text_inclusion("It is a laysan albatross", "Laysan_Albatross", scoring=scoring)  # untagged: whole output
+    assert not text_inclusion("<think>Laysan Albatross</think><answer>Albatross</answer>", GT, scoring=scoring)
+    assert not text_inclusion("<answer>Laysan</answer>", GT, scoring=scoring)
 
 
-def test_text_inclusion_cars_drop_year_and_body():
+@pytest.mark.parametrize("scoring", SCORINGS)
+def test_text_inclusion_cars_drop_year_and_body(scoring):
     assert TI_DROP_LAST_WORDS == {"car": 2}
     out = "<think>x</think><answer>Audi S5</answer>"
-    assert text_inclusion_for("car", out, "Audi S5 Coupe 2012")
-    assert not text_inclusion(out, "Audi S5 Coupe 2012")
-    assert text_inclusion(out, "Audi S5 Coupe 2012", drop_last_words=2)
-    assert not text_inclusion_for("car", "<answer>Audi A5</answer>", "Audi S5 Coupe 2012")
-    assert not text_inclusion_for("bird", "<answer>Laysan</answer>", "Laysan Albatross Bird 2012")
+    assert text_inclusion_for("car", out, "Audi S5 Coupe 2012", scoring)
+    assert not text_inclusion(out, "Audi S5 Coupe 2012", scoring=scoring)
+    assert text_inclusion(out, "Audi S5 Coupe 2012", drop_last_words=2, scoring=scoring)
+    assert not text_inclusion_for("car", "<answer>Audi A5</answer>", "Audi S5 Coupe 2012", scoring)
+    assert not text_inclusion_for("bird", "<answer>Laysan</answer>", "Laysan Albatross Bird 2012", scoring)
     # too short to drop: whole gt used instead of matching everything
-    assert not text_inclusion_for("car", "<answer>Audi</answer>", "Tesla Model")
+    assert not text_inclusion_for("car", "<answer>Audi</answer>", "Tesla Model", scoring)
     with pytest.raises(ValueError, match="plane"):
-        text_inclusion_for("plane", out, "Audi S5 Coupe 2012")
+        text_inclusion_for("plane", out, "Audi S5 Coupe 2012", scoring)
 
 
 # ---------------------------------------------------------------- relative SS (Eq. 5)

@@ -235,3 +235,45 @@ def test_parse_structured_cot_headed_comma_list_and_fallback():
 def test_parse_structured_cot_nothing():
     assert parse_structured_cot("just an answer") == {"analysis": None, "options": [], "comparison": None,
                                                       "prediction": None}
+
+
+# ---------------------------------------------------------------- the official release's shapes
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures_stage1 as s1  # noqa: E402
+
+
+@pytest.mark.parametrize("case", [c[0] for c in s1.CASES])
+def test_parse_structured_cot_official_shapes(case):
+    """Headed, heading-less (only "The analysis of candidate subcategories:" and "The prediction is:"), analysis
+    heading only, comma / numbered / bulleted lists, parenthesised extras: all give the four sections."""
+    _, rec, want = next(c for c in s1.CASES if c[0] == case)
+    r = parse_structured_cot(rec["messages"][2]["content"])
+    assert r["options"] == want["options"]
+    assert r["analysis"].startswith(want["analysis"]) and "candidate subcategories:" not in r["analysis"]
+    assert want["comparison"] in r["comparison"] and want["not_in_comparison"] not in r["comparison"]
+    assert r["prediction"] == want["prediction"]
+
+
+def test_parse_structured_cot_headingless_without_answer_tag():
+    text = s1.HEADINGLESS_COMMAS  # no <think>, no <answer>: the prediction sentence gives the prediction
+    r = parse_structured_cot(text)
+    assert r["options"] == ["Scottish Deerhound", "Irish Wolfhound", "Great Dane", "Greyhound"]
+    assert r["prediction"] == "Scottish Deerhound" and r["analysis"].startswith("The dog has")
+
+
+def test_parse_structured_cot_candidate_list_ends_where_the_comparison_starts():
+    text = ("<think>White head.\n\nThe analysis of candidate subcategories: \n1. Laysan Albatross\n"
+            "2. Sooty Albatross\n\n1. Laysan Albatross: white head, matches.\n2. Sooty Albatross: dark head.\n\n"
+            "The prediction is: Laysan Albatross</think><answer>Laysan Albatross</answer>")
+    r = parse_structured_cot(text)
+    assert r["options"] == ["Laysan Albatross", "Sooty Albatross"]            # numbering restarts: comparison
+    assert r["comparison"].startswith("1. Laysan Albatross: white head")
+    # a bare list and nothing else: the candidates' descriptions are the comparison
+    text = ("<think>White head.\n\nThe analysis of candidate subcategories: \n- Laysan Albatross: white head.\n"
+            "- Sooty Albatross: dark head.\nThe prediction is: Laysan Albatross</think><answer>Laysan Albatross</answer>")
+    r = parse_structured_cot(text)
+    assert r["options"] == ["Laysan Albatross", "Sooty Albatross"]
+    assert r["comparison"] == "- Laysan Albatross: white head.\n- Sooty Albatross: dark head."

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from finer1_lib import protocol as P
+from finer1_lib.io import DataError
 from finer1_lib.records import OFFICIAL_SPLITS_DIR, SUPER_CATEGORIES, ImageRecord
 from finer1_lib.world import World
 
@@ -482,8 +483,6 @@ def test_read_official_format_fills_metadata_from_file_name(tmp_path):
 def test_read_official_format_arguments_override_file_name(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps(_official_row()) + "\n\n")  # blank lines are skipped
-    (row,) = P.read_eval_jsonl(path)
-    assert row["super_category"] is None and row["split"] is None
     (row,) = P.read_eval_jsonl(path, super_category="dog", split="seen")
     assert row["super_category"] == "dog" and row["split"] == "seen"
     # metadata already present in the row wins over the arguments
@@ -517,3 +516,76 @@ def test_read_eval_bad_options(tmp_path):
 def test_read_eval_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.jsonl"):
         P.read_eval_jsonl(tmp_path / "nothere.jsonl")
+
+
+# ------------------------------------------------------------------------ bad input: clear errors
+def test_read_eval_metadata_not_guessable_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "mydata.jsonl"
+    path.write_text(json.dumps(_official_row()) + "\n")
+    with pytest.raises(DataError, match=r"mydata\.jsonl:1: cannot tell the super-category.*super_category=") as e:
+        P.read_eval_jsonl(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match=r"mydata\.jsonl:1: cannot tell whether .* split='seen'"):
+        P.read_eval_jsonl(path, super_category="bird")
+    (row,) = P.read_eval_jsonl(path, super_category="bird", split="unseen")
+    assert (row["super_category"], row["split"]) == ("bird", "unseen")
+    with pytest.raises(ValueError, match="boat"):
+        P.read_eval_jsonl(path, super_category="boat", split="seen")
+
+
+def test_read_eval_metadata_from_records_or_official_image_paths(tmp_path):
+    # present in the records: used as is
+    path = tmp_path / "mydata.jsonl"
+    path.write_text(json.dumps({**_official_row(), "super_category": "pet", "split": "seen"}) + "\n")
+    (row,) = P.read_eval_jsonl(path)
+    assert (row["super_category"], row["split"]) == ("pet", "seen")
+    # the official eval files' dataset folders (FOCI-Benchmark layout), as the official code reads them
+    rows = [{**_official_row(), "image_path": f"/data/FOCI-Benchmark/data/{p}"} for p in
+            ("train/bird_200/images/001.Black_footed_Albatross/a.jpg", "test/stanford-cars/cars_test/00210.jpg",
+             "train/dogs_120/Images/n02085936-Maltese_dog/b.jpg", "test/flower102/jpg/image_04465.jpg",
+             "test/fgvc_aircraft/data/images/0522973.jpg", "test/oxford-pet/images/american_bulldog_203.jpg")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [r["super_category"] for r in P.read_eval_jsonl(path, split="seen")]
+    assert got == ["bird", "car", "dog", "flower", "aircraft", "pet"]
+    bad = tmp_path / "bird_seen.jsonl"
+    bad.write_text(json.dumps({**_official_row(), "super_category": "plane"}) + "\n")
+    with pytest.raises(DataError, match="bird_seen.jsonl:1: unknown super_category 'plane'"):
+        P.read_eval_jsonl(bad)
+
+
+def test_read_eval_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "bird_seen.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match="bird_seen.jsonl: no eval records"):
+        P.read_eval_jsonl(path)
+    assert P.read_eval_jsonl(path, allow_empty=True) == []
+
+
+def test_read_eval_blank_lines_keep_line_numbers(tmp_path):
+    path = tmp_path / "bird_seen.jsonl"
+    path.write_text(json.dumps(_official_row()) + "\n\n\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"bird_seen\.jsonl:4: eval record is missing"):
+        P.read_eval_jsonl(path)
+
+
+def test_read_eval_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "bird_seen.jsonl"
+    path.write_bytes(json.dumps(_official_row()).encode() + b"\n" + '{"question": "Quel oiseau ?"}'.encode("latin-1")
+                     + b"\xe9\n")
+    with pytest.raises(DataError, match=r"bird_seen\.jsonl:2: JSONL file is not UTF-8 text"):
+        P.read_eval_jsonl(path)
+
+
+def test_question_templates_bad_json_names_the_file(tmp_path, monkeypatch):
+    import finer1_lib.protocol as protocol
+
+    (tmp_path / "bird.json").write_text('{"seen": [], "questions": [\n  "What bird?",\n}')
+    (tmp_path / "car.json").write_bytes(b'{"questions": ["Which car\xff?"]}')
+    (tmp_path / "dog.json").write_text('{"questions": "What dog?"}')
+    monkeypatch.setattr(protocol, "OFFICIAL_SPLITS_DIR", tmp_path)
+    with pytest.raises(DataError, match=r"bird\.json:3: official split file is not valid JSON"):
+        protocol.question_templates("bird")
+    with pytest.raises(DataError, match=r"car\.json:1: official split file is not UTF-8"):
+        protocol.question_templates("car")
+    with pytest.raises(DataError, match=r"dog\.json: expected a JSON object with a 'questions' list"):
+        protocol.question_templates("dog")
