@@ -13,17 +13,18 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .chat import ChatExample, collate, encode_example
-from .io import write_json
-from .model import is_4bit_lora, save_model
+from .io import atomic_write_text, write_json
+from .model import clean_tmp, is_4bit_lora, save_model
 
-__all__ = ["EncodedDataset", "examples_from_samples", "replay_examples", "train_sft", "SFT_DEFAULTS"]
+__all__ = ["EncodedDataset", "examples_from_samples", "replay_examples", "train_sft", "SFT_DEFAULTS",
+           "checkpoint_is_complete", "last_complete_checkpoint"]
 
 #: CPU-sized defaults; profiles override them (``profile.sft``).
 SFT_DEFAULTS = dict(epochs=15, batch_size=8, grad_accum=1, lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
@@ -66,14 +67,102 @@ def replay_examples(world, n: int, seed: int = 0, naming_images: int = 2) -> lis
     return [make_example(world, t, rng, naming_images) for t in tasks]
 
 
-class _LogCallback(TrainerCallback):
-    def __init__(self):
-        self.rows = []
+class _LogLastStep(TrainerCallback):
+    """Log the last step too (the Trainer logs every ``logging_steps``): the log then covers every step, and the
+    run's mean loss is exact."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.rows.append({"step": state.global_step, "epoch": round(state.epoch or 0, 3), "loss": logs["loss"],
-                              "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm")})
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+class _SecondsAtCheckpoints(TrainerCallback):
+    """``out/sft_progress.json``: training seconds up to each checkpoint, so a resumed run's time is the whole
+    run's."""
+
+    def __init__(self, out: Path, before: float):
+        self.out, self.before, self.t0 = out, before, time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        import json
+
+        path = self.out / "sft_progress.json"
+        try:
+            seen = json.loads(path.read_text())
+        except (OSError, ValueError):
+            seen = {}
+        seen[str(state.global_step)] = round(self.before + time.perf_counter() - self.t0, 1)
+        write_json(path, seen)
+
+
+def _history(log_history: list[dict]) -> pd.DataFrame:
+    """The loss log of the whole run from the Trainer's state (restored from the checkpoint on a resume)."""
+    rows = [{"step": e["step"], "epoch": round(e.get("epoch") or 0, 3), "loss": e["loss"],
+             "lr": e.get("learning_rate"), "grad_norm": e.get("grad_norm")} for e in log_history if "loss" in e]
+    frame = pd.DataFrame(rows, columns=["step", "epoch", "loss", "lr", "grad_norm"])
+    return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+def _mean_loss(history: pd.DataFrame) -> float | None:
+    """The mean training loss over every logged step: each logged loss is the mean over the steps since the
+    previous log, so it is weighted by that count."""
+    if not len(history):
+        return None
+    steps = history["step"].to_numpy()
+    weights = steps - np.concatenate([[0], steps[:-1]])
+    return float((history["loss"].to_numpy() * weights).sum() / weights.sum())
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def checkpoint_is_complete(path: str | Path) -> bool:
+    """A Trainer checkpoint that was written to the end: ``trainer_state.json`` (the Trainer writes it last) is
+    valid JSON for this step, and the weights and optimizer files are there and readable."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if state.get("global_step") != _checkpoint_step(path) or not (path / "optimizer.pt").is_file():
+        return False
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return False
+    try:
+        for w in weights:
+            with safe_open(str(w), "pt") as f:
+                f.keys()
+    except Exception:  # noqa: BLE001 -- any failure to read the header: a half-written file
+        return False
+    return True
+
+
+def last_complete_checkpoint(out: str | Path, repair: bool = True) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``out``; with ``repair``, half-written ones (a kill while the
+    Trainer wrote them) are removed, so they are redone from the previous complete one."""
+    import re
+    import shutil
+    import warnings
+
+    out = Path(out)
+    if not out.is_dir():
+        return None
+    ckpts = sorted((p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
+                   key=_checkpoint_step, reverse=True)
+    for ckpt in ckpts:
+        if checkpoint_is_complete(ckpt):
+            return str(ckpt)
+        if repair:
+            warnings.warn(f"{ckpt} is incomplete (interrupted while it was written): removed, resuming from an "
+                          f"earlier checkpoint")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def _load_weights(model, checkpoint: str) -> None:
@@ -132,18 +221,23 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
         gradient_checkpointing=cfg.get("gradient_checkpointing", False),  # real sizes on small GPUs
         use_cpu=not torch.cuda.is_available(),
     )
-    log = _LogCallback()
     pad = processor.tokenizer.pad_token_id
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=lambda f: collate(f, pad),
-                      callbacks=[log])
+                      callbacks=[_LogLastStep()])
     if not progress:
         trainer.remove_callback(PrinterCallback)  # no per-step dicts on stdout
-    last = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
+    clean_tmp(out)  # temp files of an interrupted atomic write
+    settings = {"cfg": cfg, "max_steps": max_steps, "examples": len(dataset)}
+    last = last_complete_checkpoint(out) if resume else None
     if last:
+        _check_same_run(out, settings)
         _load_weights(trainer.model, last)
+    write_json(out / "sft_settings.json", settings)
+    seconds_before = _previous_seconds(out, last) if last else 0.0
+    trainer.add_callback(_SecondsAtCheckpoints(out, seconds_before))
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
     model.eval()
     if save and is_4bit_lora(trainer.model):
@@ -151,13 +245,43 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
         processor.save_pretrained(out / "adapter")
     elif save:
         save_model(trainer.model, processor, out / "model")
-    history = pd.DataFrame(log.rows)
-    if last and (out / "sft_log.csv").is_file():  # keep the log of the interrupted part
-        history = pd.concat([pd.read_csv(out / "sft_log.csv"), history]).drop_duplicates("step", keep="last")
-    history.to_csv(out / "sft_log.csv", index=False)
+    # the log and the loss cover the whole run, the part before a resume included (kept in the checkpoint)
+    history = _history(trainer.state.log_history)
+    atomic_write_text(out / "sft_log.csv", history.to_csv(index=False))
+    mean_loss = _mean_loss(history)
     summary = {"examples": len(dataset), "steps": trainer.state.global_step, "epochs": cfg["epochs"],
-               "seconds": round(seconds, 1), "train_loss": round(result.training_loss, 4),
+               "seconds": round(seconds_before + seconds, 1), "seconds_this_session": round(seconds, 1),
+               "train_loss": round(mean_loss, 4) if mean_loss is not None else None,
                "final_logged_loss": float(history["loss"].iloc[-1]) if len(history) else None,
                "resumed_from": last, "max_steps": max_steps, "cfg": cfg}
     write_json(out / "sft.json", summary)
     return summary
+
+
+def _previous_seconds(out: Path, checkpoint: str) -> float:
+    """Training seconds up to ``checkpoint`` (``sft_progress.json``; 0 when unknown)."""
+    import json
+
+    try:
+        return float(json.loads((out / "sft_progress.json").read_text()).get(str(_checkpoint_step(Path(checkpoint))), 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0
+
+
+def _check_same_run(out: Path, settings: dict) -> None:
+    """Refuse to resume a checkpoint written with other settings (the run would mix them)."""
+    import json
+
+    path = out / "sft_settings.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # a folder from before sft_settings.json existed: nothing to compare
+    now = json.loads(json.dumps(settings))
+    diff = {k: (saved.get("cfg", {}).get(k), v) for k, v in now["cfg"].items() if saved.get("cfg", {}).get(k) != v}
+    for k in ("max_steps", "examples"):
+        if saved.get(k) != now[k]:
+            diff[k] = (saved.get(k), now[k])
+    if diff:
+        raise ValueError(f"{out} holds an SFT run with other settings {diff} (saved, requested): resuming it would "
+                         f"mix them; use another folder or start over (fresh=True)")

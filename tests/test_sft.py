@@ -67,6 +67,77 @@ def test_resume_matches_uninterrupted_run(processor, tmp_path, monkeypatch):
     assert not torch.allclose(ma.state_dict()["lm_head.weight"], m0.state_dict()["lm_head.weight"])  # it trained
     log = (tmp_path / "b" / "sft_log.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == [1, 2, 3, 4]  # the interrupted part's log is kept
+    # the summary covers the whole run, not only the part after the resume
+    assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-3) and b["train_loss"] > 0
+    assert b["final_logged_loss"] == pytest.approx(a["final_logged_loss"], abs=1e-3)
+
+
+def _interrupted_at(processor, out, step, monkeypatch):
+    orig = sft.Trainer
+
+    class Interrupted(orig):
+        def __init__(self, *args, callbacks=None, **kw):
+            super().__init__(*args, callbacks=[*(callbacks or []), StopAt(step)], **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(sft, "Trainer", Interrupted)
+        sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(), out, CFG,
+                      progress=False)
+
+
+def test_a_kill_after_the_last_checkpoint_keeps_the_whole_log_and_loss(processor, tmp_path):
+    """Killed after checkpoint-4 was written, before the model, sft_log.csv and sft.json: the rerun trains 0
+    steps and still reports the whole run (it used to write an empty log, train_loss 0.0, final loss null)."""
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    a = sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(), out, CFG,
+                      progress=False)
+    for name in ("sft.json", "sft_log.csv"):
+        (out / name).unlink()
+    import shutil
+
+    shutil.rmtree(out / "model")
+    b = sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(), out, CFG,
+                      progress=False)
+    assert b["resumed_from"].endswith("checkpoint-4") and b["steps"] == 4
+    assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4) and b["train_loss"] > 0
+    assert b["final_logged_loss"] == pytest.approx(a["final_logged_loss"], abs=1e-4)
+    assert [int(r.split(",")[0]) for r in (out / "sft_log.csv").read_text().splitlines()[1:]] == [1, 2, 3, 4]
+    assert b["seconds"] >= a["seconds"] - 0.2  # the time before the kill counts
+
+
+def test_a_half_written_checkpoint_is_skipped_and_leftovers_cleaned(processor, tmp_path, monkeypatch):
+    """A kill while the Trainer wrote checkpoint-3: the rerun resumes from checkpoint-2 (it used to fail on every
+    rerun); .tmp leftovers of interrupted atomic writes are removed."""
+    torch.set_num_threads(1)
+    ref = sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(),
+                        tmp_path / "ref", CFG, progress=False)
+    out = tmp_path / "run"
+    _interrupted_at(processor, out, 2, monkeypatch)
+    import shutil
+
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")  # a checkpoint cut mid-write:
+    (out / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3, "log_hi')
+    data = (out / "checkpoint-3" / "model.safetensors").read_bytes()
+    (out / "checkpoint-3" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    assert not sft.checkpoint_is_complete(out / "checkpoint-3") and sft.checkpoint_is_complete(out / "checkpoint-2")
+    (out / ".sft.json.x1y2.tmp").write_text("{")
+    (out / ".model.abcd.tmp").mkdir()
+    with pytest.warns(UserWarning, match="checkpoint-3 is incomplete"):
+        b = sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(), out, CFG,
+                          progress=False)
+    assert b["resumed_from"].endswith("checkpoint-2") and b["steps"] == 4
+    assert b["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-3)
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+
+
+def test_resuming_with_other_settings_is_refused(processor, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    _interrupted_at(processor, out, 2, monkeypatch)
+    with pytest.raises(ValueError, match=r"other settings \{'lr': \(0\.001, 0\.002\)\}"):
+        sft.train_sft(build_tiny_model(processor.tokenizer, "tiny-3m", seed=0), processor, _examples(), out,
+                      dict(CFG, lr=2e-3), progress=False)
 
 
 def test_training_lowers_the_loss_on_assistant_tokens(processor, tmp_path):
