@@ -190,16 +190,16 @@ def check_teacher_output(output: str, label: str, max_candidates: int = MAX_CAND
     unparseable: any of analysis / options / comparison / prediction missing (tags or the official headings);
     not_english: :func:`is_english` fails; wrong_prediction: the prediction is not exactly the label (case,
     spacing, underscores and a final period aside); gt_missing: the label is not among the candidates;
-    too_many_candidates: more than ``max_candidates`` candidates. Candidates match the label with parenthesised
-    extras ignored (a Latin name or a year: "Laysan Albatross (Phoebastria immutabilis)", "Audi S4 Sedan (2012)",
-    see :func:`names_match`).
+    too_many_candidates: more than ``max_candidates`` candidates. The prediction and the candidates match the label
+    with parenthesised extras ignored (a Latin name or a year: "Laysan Albatross (Phoebastria immutabilis)",
+    "Audi S4 Sedan (2012)", see :func:`names_match`).
     """
     cot = parse_structured_cot(output or "")
     if not (cot["analysis"] and cot["options"] and cot["comparison"] and cot["prediction"]):
         return "unparseable", cot
     if not is_english(output):
         return "not_english", cot
-    if _norm(cot["prediction"]) != _norm(label):
+    if not names_match(cot["prediction"], label):
         return "wrong_prediction", cot
     if not any(names_match(label, o) for o in cot["options"]):
         return "gt_missing", cot

@@ -319,6 +319,7 @@ _PREDICTION_MARKER = re.compile(r"the prediction is\s*:", re.IGNORECASE)
 _PREDICTION_LINE = re.compile(r"the prediction is\s*:\s*(.+)", re.IGNORECASE)
 # One list item line: indentation, then a number ("1." "2)" "(3)"), a bullet or a letter ("a)" "(b)").
 _ITEM = re.compile(r"^([ \t]*)(?:\(?(\d{1,2})[.)]|([-*\u2022])|\(?([A-Za-z])\))[ \t]+\S")
+_PARENS = re.compile(r"\([^()]*\)")
 _VERSUS = re.compile(r"\svs?\.?\s", re.IGNORECASE)
 _NAME_SEP = re.compile(r"\s[-\u2013\u2014]\s")  # "Hyundai Santa Fe - Another SUV": a spaced dash ends the name
 
@@ -376,8 +377,10 @@ def _candidate_list(body: str, start: int, end: int) -> tuple[list[str], int, in
         first = next((j for j, line in enumerate(lines) if _item_kind(line)), None)
         if first is None:
             text = " ".join(line.strip() for line in lines)
-            if not text.rstrip().endswith(":") and ("," in text or ";" in text) and len(lines) == 1:
-                return split_options(text), p_start, p_end  # "A, B, C, D"
+            names = split_options(text)
+            if (len(lines) == 1 and len(names) >= 2 and not text.rstrip().endswith(":")
+                    and all(len(_PARENS.sub("", n).split()) <= 6 for n in names)):
+                return names, p_start, p_end  # "A, B, C, D" (short names, not a sentence)
             continue  # an introduction paragraph
         indent, kind, number = _item_kind(lines[first])
         list_start = p_start + sum(len(line) + 1 for line in lines[:first])

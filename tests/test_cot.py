@@ -381,6 +381,7 @@ def test_parenthesised_extras_match(candidate, label):
     gt = label
     others = ["Sooty Albatross", "Western Gull"]
     assert check_teacher_output(_cot([candidate, *others], gt), gt)[0] is None
+    assert check_teacher_output(_cot([candidate, *others], candidate), gt)[0] is None  # the prediction too
 
 
 def test_parenthesised_extras_do_not_match_other_names():

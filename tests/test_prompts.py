@@ -277,3 +277,12 @@ def test_parse_structured_cot_candidate_list_ends_where_the_comparison_starts():
     r = parse_structured_cot(text)
     assert r["options"] == ["Laysan Albatross", "Sooty Albatross"]
     assert r["comparison"] == "- Laysan Albatross: white head.\n- Sooty Albatross: dark head."
+
+
+def test_parse_structured_cot_intro_sentence_with_a_comma_is_not_a_list():
+    text = ("<think>White head.\n\nThe analysis of candidate subcategories: \nBased on the visual features, the "
+            "following candidate subcategories could be considered.\n\n1. Laysan Albatross\n2. Sooty Albatross\n\n"
+            "The Laysan has a white head.\nThe prediction is: Laysan Albatross</think><answer>Laysan Albatross</answer>")
+    r = parse_structured_cot(text)
+    assert r["options"] == ["Laysan Albatross", "Sooty Albatross"]
+    assert r["comparison"] == "The Laysan has a white head."
