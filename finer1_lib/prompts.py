@@ -446,8 +446,12 @@ def _parse_headed(text: str) -> dict:
         return _clean_section("\n\n".join(x for x in parts if x))
 
     analysis = joined("analysis", [body[:bounds[0][0]]])
-    if not options:
-        options = _list_items(joined("options"))
+    if not options and sections.get("options"):
+        section = joined("options") or ""
+        inner = _CANDIDATE_MARKER.search(section)  # the candidate sentence's list is the canonical one
+        if inner is not None:
+            options = _candidate_list(section, inner.end(), len(section))[0]
+        options = options or _list_items(section)
     if not options and cand is not None:
         options, l_start, l_end = _candidate_list(body, cand.end(), len(body))
     comparison = joined("comparison", comparison_extra)
@@ -468,13 +472,19 @@ def parse_structured_cot(text: str) -> dict:
     * Table 5 tags (paper Appendix B): ``<analysis>``, ``<options>``, ``<comparison>``,
       ``<prediction>``; each field is ``extract_tag`` of its tag (None when missing), options are
       ``split_options`` of the ``<options>`` content.
-    * The official Stage-1 release: headed sections inside ``<think>`` ("Analysis of Visual
-      Features", "Candidate Subcategories", "Comparison Process", "Final Prediction"; optionally
-      with ``**``/``###``, a "Step N:" prefix and a colon).  Analysis = text before the candidates
-      (any preamble included); options = the top-level bullet/numbered items of the candidates
-      section (a description after ':' is dropped), falling back to the "The analysis of candidate
-      subcategories:" list; prediction = the ``<answer>`` content, else the last "The prediction
-      is: X" line, else the Final Prediction section.  A "Final Answer" summary section is ignored.
+    * The official Stage-1 release (``Fine-R1-Stage1-data.json``, 404 records). Most CoTs have headed sections
+      inside ``<think>`` ("Analysis of Visual Features", "Candidate Subcategories", "Comparison Process", "Final
+      Prediction"; optionally with ``**``/``###``, a "Step N:" prefix and a colon); some have none, or only an
+      analysis heading, but every record carries the sentences "The analysis of candidate subcategories:" and
+      "The prediction is:", which then delimit the sections. Analysis = the text before the candidates (any
+      preamble included). Options = the list after "The analysis of candidate subcategories:" (numbered,
+      bulleted or comma-separated, after an optional introduction; it ends where the comparison starts) when
+      the candidates section holds that sentence or there is no such section, else the top-level bullet/numbered
+      items of the candidates section; a description after ':' or a spaced dash is dropped, parenthesised
+      extras are kept. Comparison = the comparison section, or the text between the candidate list and "The
+      prediction is:" (when there is nothing else, the candidates' own descriptions). Prediction = the
+      ``<answer>`` content, else the last "The prediction is: X" line, else the Final Prediction section. A
+      "Final Answer" summary section is ignored.
 
     Missing fields are None (options: []).
     """

@@ -286,3 +286,16 @@ def test_parse_structured_cot_intro_sentence_with_a_comma_is_not_a_list():
     r = parse_structured_cot(text)
     assert r["options"] == ["Laysan Albatross", "Sooty Albatross"]
     assert r["comparison"] == "The Laysan has a white head."
+
+
+def test_parse_structured_cot_candidate_sentence_wins_inside_the_candidate_section():
+    # the section first lists broader groups, then the candidate sentence gives the four names
+    text = ("<think> Analysis of Visual Features:\nA small single-engine airplane.\n\n Candidate Subcategories:\n"
+            "The relevant subcategories are:\n- Cirrus SR-20\n- Cirrus SR-22\n- Other Cirrus models (e.g., SR-20T)\n\n"
+            "However, we focus on the closest.\n\nThe analysis of candidate subcategories: \n1. Cirrus SR-20\n"
+            "2. Cirrus SR-22\n3. Cirrus SR-20T\n4. Cirrus Vision SF50\n\n\n---\n\n Comparison Process:\n"
+            " 1. Cirrus SR-20 vs. Cirrus SR-22:\n- The SR-20 is smaller.\n\n Final Prediction:\nThe SR-20.\n\n"
+            "The prediction is: Cirrus SR-20</think>\n\n<answer>SR-20</answer>")
+    r = parse_structured_cot(text)
+    assert r["options"] == ["Cirrus SR-20", "Cirrus SR-22", "Cirrus SR-20T", "Cirrus Vision SF50"]
+    assert r["comparison"] == "1. Cirrus SR-20 vs. Cirrus SR-22:\n- The SR-20 is smaller." and r["prediction"] == "SR-20"
