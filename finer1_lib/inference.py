@@ -176,22 +176,66 @@ def rescore(
     system: str | None = None,
     grad: bool = False,
     batch_size: int | None = None,
+    share_prompts: bool | None = None,
 ) -> list[torch.Tensor]:
     """Per-token log-probs of ``completion_ids[i]`` given (images[i], prompts[i]); one tensor per row.
 
-    Rows are prompt + completion, right-padded, with the 3-D (mrope) positions computed over the whole
-    row, exactly as generation assigns them. ``grad=True`` keeps the graph for a backward pass.
+    Rows are prompt + completion with the 3-D (mrope) positions of the whole row, exactly as generation assigns
+    them. ``grad=True`` keeps the graph for a backward pass.
+
+    ``share_prompts``: rows with the same prompt (the same image object and text, e.g. a TAPO group's rollouts)
+    encode it once: a forward over the distinct prompts with the KV cache, then every row's completion on
+    its prompt's cache (gathered to the row, so gradients reach the prompt's tokens and the vision tower
+    through every row that uses it). The same numbers as one forward per full row, to float tolerance (a
+    test checks log-probs and gradients). ``None`` (default): share when some prompt repeats. Batches
+    (``batch_size`` rows) then hold whole sets of rows of one prompt where they fit.
     """
     if not len(images) == len(prompts) == len(completion_ids):
         raise ValueError("images, prompts and completion_ids must have the same length")
-    batch_size = batch_size or max(1, len(prompts))
-    results: list[torch.Tensor] = []
+    n = len(prompts)
+    keys = [_prompt_key(img, p) for img, p in zip(images, prompts)]
+    if share_prompts is None:
+        share_prompts = len(set(keys)) < n
+    batch_size = batch_size or max(1, n)
+    if share_prompts:
+        batches = _prompt_batches(keys, batch_size)
+    else:
+        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    score = _rescore_shared_batch if share_prompts else _rescore_batch
+    results: list[torch.Tensor | None] = [None] * n
     context = torch.enable_grad() if grad else torch.no_grad()
     with context:
-        for start in range(0, len(prompts), batch_size):
-            sl = slice(start, start + batch_size)
-            results += _rescore_batch(model, processor, images[sl], prompts[sl], completion_ids[sl], system)
+        for rows in batches:
+            scored = score(model, processor, [images[i] for i in rows], [prompts[i] for i in rows],
+                           [completion_ids[i] for i in rows], system)
+            for i, s in zip(rows, scored):
+                results[i] = s
     return results
+
+
+def _prompt_key(image, prompt: str):
+    """Rows with equal keys share one prompt encoding: the same image object and the same text."""
+    return (id(image) if image is not None else None, prompt)
+
+
+def _prompt_batches(keys: list, batch_size: int) -> list[list[int]]:
+    """Row indices grouped by prompt (first-appearance order); whole groups per batch while they fit in
+    ``batch_size`` rows; a group larger than that is split (each part encodes the prompt again)."""
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for rows in groups.values():
+        for start in range(0, len(rows), batch_size):
+            part = rows[start : start + batch_size]
+            if current and len(current) + len(part) > batch_size:
+                batches.append(current)
+                current = []
+            current = current + part
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _rescore_batch(model, processor, images, prompts, completion_ids, system):
@@ -246,6 +290,75 @@ def _rescore_batch(model, processor, images, prompts, completion_ids, system):
         targets = input_ids[i, p : p + len(c)]
         result.append(torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1))
     return result
+
+
+def _rescore_shared_batch(model, processor, images, prompts, completion_ids, system):
+    """One forward over the distinct prompts of the batch (``use_cache=True``), then every row's completion on
+    its prompt's KV cache. Each prompt's last token is held back and opens the row's completion pass (its
+    logits predict the first completion token); positions continue from the prompt's exactly as in a full
+    row (text after the image: +1 per token on all three mrope axes from the last prompt token's position)."""
+    device = _device(model)
+    pad_id = processor.tokenizer.pad_token_id
+    index: dict = {}
+    distinct, row_prompt = [], []
+    for img, p in zip(images, prompts):
+        k = _prompt_key(img, p)
+        if k not in index:
+            index[k] = len(distinct)
+            distinct.append((img, p))
+        row_prompt.append(index[k])
+    enc = build_inputs(processor, [d[0] for d in distinct], [d[1] for d in distinct], system, padding_side="right")
+    ids, mask, mm_types = enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"]
+    lens = mask.sum(dim=1)
+    grid = enc.get("image_grid_thw")
+    vl = _vl_model(model)
+    positions, _ = vl.get_rope_index(ids, mm_types, image_grid_thw=grid, attention_mask=mask)
+    vl.rope_deltas = None
+    g = torch.arange(len(distinct))
+    if (mm_types[g, lens - 1] != 0).any():
+        raise ValueError("a prompt ends in an image token: cannot hold its last token back for the completion pass")
+    last_token, last_pos = ids[g, lens - 1], positions[:, g, lens - 1]  # (G,), (3, G)
+
+    # 1. the prompts but their last token, once each: KV cache (with the graph when grad is on)
+    width = int(lens.max()) - 1
+    prefix_mask = (torch.arange(width)[None, :] < (lens - 1)[:, None]).long()
+    prefix_ids = torch.where(prefix_mask.bool(), ids[:, :width], torch.full_like(ids[:, :width], pad_id))
+    pixel_values = enc.get("pixel_values")
+    out = model(
+        input_ids=prefix_ids.to(device),
+        attention_mask=prefix_mask.to(device),
+        position_ids=positions[:, :, :width].to(device),
+        pixel_values=pixel_values.to(device) if pixel_values is not None else None,
+        image_grid_thw=grid.to(device) if grid is not None else None,
+        mm_token_type_ids=mm_types[:, :width].to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    rows = torch.tensor(row_prompt, dtype=torch.long)
+    cache.batch_select_indices(rows.to(device))  # (G, ...) -> (B, ...): a gather, differentiable
+
+    # 2. each row: its prompt's last token + completion, right-padded, on the gathered cache
+    completions = [list(map(int, c)) for c in completion_ids]
+    length = 1 + max(len(c) for c in completions)
+    input_ids = torch.full((len(completions), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(completions), length), dtype=torch.long)
+    for i, c in enumerate(completions):
+        input_ids[i, 0] = last_token[row_prompt[i]]
+        input_ids[i, 1 : 1 + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, : 1 + len(c)] = 1
+    position_ids = last_pos[:, rows, None] + torch.arange(length)[None, None, :]
+    input_ids = input_ids.to(device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=torch.cat([prefix_mask[rows], attention_mask], dim=1).to(device),
+        position_ids=position_ids.to(device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits = out.logits  # (B, length, V); position j predicts completion token j
+    return [torch.log_softmax(logits[i, : len(c)].float(), dim=-1).gather(-1, input_ids[i, 1 : 1 + len(c), None])
+            .squeeze(-1) for i, c in enumerate(completions)]
 
 
 # --------------------------------------------------------------------------------------------------

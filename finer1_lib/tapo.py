@@ -13,27 +13,38 @@ One training step, read next to the paper:
    estimates -log pi under x* and under x_neg (``tapo_loss``).
 
 Where the paper and the official code (PKU-ICST-MIPL/FineR1_ICLR2026, EasyR1/PAPO based) differ, a switch
-picks; the default follows the paper:
+picks:
 
 * ``positive_update_image``: the paper conditions the update on the anchor only ("anchor", default); the
   official code scores positive rollouts (old log-probs and update) under the positive image ("positive").
-* ``entropy_neg_grad``: the paper's eta2 term regularises pi(.|q, x_neg) (True, default: log-probs under
-  x_neg are recomputed with gradients every update); in the official code they are computed once under
-  no_grad, so the eta2 term is a no-op (PAPO issue #20) and the KL gets no gradient through x_neg (False).
+* ``entropy_neg_grad``: whether gradients flow through the log-probs under x_neg. **Default False, the
+  official behaviour** (whose numbers the paper reports): they are computed once per rollout batch under
+  no_grad, so the eta2 term is a no-op for learning (PAPO issue #20) and the KL pushes pi(.|q, x*) away from a
+  fixed pi(.|q, x_neg). True is the literal Eq. 4 (variant ``"tapo-eq4"``): the x_neg log-probs are
+  recomputed with gradients every update. That reading works against the method: with log g = log pi_neg -
+  log pi the loss holds -gamma (e^{log g} - log g - 1) + eta2 (-log pi_neg) per token (over N tokens), so
+
+      d loss / d log pi(o|q,x_neg) = -[gamma (e^{log g} - 1) + eta2] / N <= (gamma - eta2) / N < 0
+
+  on every token (e^{log g} > 0 and gamma = 0.01 < eta2 = 0.03): every update *raises* the likelihood of
+  every rollout, right or wrong, under the negative image, the opposite of separating x* from x_neg. It
+  also costs a second forward/backward per update.
 
 Sign conventions checked against the code (the paper's formulas have two slips): the KL uses the k3
 estimator with log g = log pi_neg - log pi (the paper writes g = pi / pi_neg), clamped as in EasyR1
 (log g to [-20, 20], KL to [-10, 10]); the paper defines H = log pi, but "low-entropy" and the code
 (``entropy_loss = -mean(log pi)``, added to the loss) mean H = -log pi, minimised.
 
-Variants of the ablations (key components, Fig. 3c): ``TapoConfig.variant("dapo" | "intra" | "inter" | "tapo")``
-and any n1:n2 ratio (Table 3a: 10:0, 8:2, 5:5, 2:8, 0:10) through ``n1`` / ``n2``.
+Variants of the ablations (key components, Fig. 3c): ``TapoConfig.variant("dapo" | "intra" | "inter" | "tapo")``,
+``"tapo-eq4"`` (full TAPO with gradients through x_neg, the literal Eq. 4) and any n1:n2 ratio (Table 3a:
+10:0, 8:2, 5:5, 2:8, 0:10) through ``n1`` / ``n2``.
 """
 from __future__ import annotations
 
 import copy
 import csv
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -53,15 +64,20 @@ from .model import load_model, save_model
 from .prompts import tapo_prompt
 from .protocol import Triplet, question_templates
 
-__all__ = ["TapoConfig", "TapoTrainer", "tapo_loss", "group_advantages", "keep_group", "k3_kl_clamped",
-           "bench_tapo", "LOG_COLUMNS", "VARIANTS"]
+log = logging.getLogger(__name__)
 
-#: Ablation presets (paper Fig. 3c): DAPO baseline, intra-class only, inter-class only, full TAPO.
+__all__ = ["TapoConfig", "TapoTrainer", "tapo_loss", "group_advantages", "keep_group", "k3_kl_clamped",
+           "xneg_gradient", "bench_tapo", "LOG_COLUMNS", "VARIANTS"]
+
+#: Ablation presets (paper Fig. 3c): DAPO baseline, intra-class only, inter-class only, full TAPO (official:
+#: no gradient through x_neg), and full TAPO read literally (Eq. 4 with gradients through x_neg).
 VARIANTS = {
     "dapo": dict(n1=10, n2=0, gamma=0.0, eta1=0.0, eta2=0.0),
     "intra": dict(n1=5, n2=5, gamma=0.0, eta1=0.0, eta2=0.0),
     "inter": dict(n1=10, n2=0, gamma=0.01, eta1=0.03, eta2=0.03),
     "tapo": dict(n1=5, n2=5, gamma=0.01, eta1=0.03, eta2=0.03),
+    # the literal Eq. 4: gradients through the x_neg log-probs (see the module docstring for why not default)
+    "tapo-eq4": dict(n1=5, n2=5, gamma=0.01, eta1=0.03, eta2=0.03, entropy_neg_grad=True),
 }
 
 LOG_COLUMNS = ["step", "reward", "accuracy", "accuracy_anchor", "kl", "entropy", "entropy_neg", "clip_frac",
@@ -118,7 +134,7 @@ class TapoConfig:
     rescore_batch_size: int = 16
     system: str | None = None        # None: Qwen's default system prompt, as the official TAPO data
     # paper vs official code
-    entropy_neg_grad: bool = True
+    entropy_neg_grad: bool = False   # official: x_neg log-probs under no_grad; True = literal Eq. 4 (tapo-eq4)
     positive_update_image: str = "anchor"
     # precision: fp32 weights and AdamW states, forward passes in bf16 (the real profiles; see pipeline)
     bf16_autocast: bool = False
@@ -139,7 +155,7 @@ class TapoConfig:
 
     @classmethod
     def variant(cls, name: str, **overrides) -> "TapoConfig":
-        """A preset of the ablation (``VARIANTS``: dapo, intra, inter, tapo) with ``overrides`` on top."""
+        """A preset of the ablation (``VARIANTS``: dapo, intra, inter, tapo, tapo-eq4) with ``overrides`` on top."""
         if name not in VARIANTS:
             raise ValueError(f"unknown TAPO variant {name!r}; choose one of {sorted(VARIANTS)}")
         return cls(**{**VARIANTS[name], **overrides})
@@ -245,6 +261,21 @@ def tapo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
                      clip_frac=stat((pg1 < pg2).to(logp)),
                      dual_clip_frac=stat(((pg_high > pg3) & (adv < 0)).to(logp)))
     return loss, stats
+
+
+def xneg_gradient(log_g, cfg: TapoConfig, logp: float = -1.0) -> torch.Tensor:
+    """N * d loss / d log pi(o_t|q, x_neg) per token, by autograd through ``tapo_loss``, for tokens whose
+    log g = log pi_neg - log pi is ``log_g`` (N = number of tokens; the policy-gradient term does not involve
+    x_neg). The literal Eq. 4 (``entropy_neg_grad=True``) gives -[gamma (e^{log g} - 1) + eta2] (only -eta2
+    where the KL clamp is active); the official reading gives 0."""
+    log_g = torch.as_tensor(log_g, dtype=torch.float64).reshape(1, -1)
+    lp = torch.full_like(log_g, logp)
+    lq = (lp + log_g).requires_grad_(True)
+    loss, _ = tapo_loss(lp, lp, torch.zeros(1, dtype=torch.float64), torch.ones_like(lp, dtype=torch.bool), lq, cfg)
+    if loss.requires_grad:  # official reading: nothing in the loss depends on lq with a gradient
+        loss.backward()
+    grad = lq.grad if lq.grad is not None else torch.zeros_like(lq)
+    return (grad * log_g.numel()).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,6 +444,12 @@ class TapoTrainer:
                     kept.append(g)
             if not cfg.dynamic_sampling:
                 break
+        if cfg.dynamic_sampling and 0 < len(kept) < cfg.prompts_per_step:
+            msg = (f"TAPO step {step + 1}: dynamic sampling ran out of retries ({rounds - 1} of max_retries="
+                   f"{cfg.max_retries}): the step trains on {len(kept)} of {cfg.prompts_per_step} groups "
+                   f"({len(generated)} generated)")
+            warnings.warn(msg)
+            log.warning(msg)
         for g in kept:
             for r, a in zip(g.rollouts, group_advantages([r.reward for r in g.rollouts])):
                 r.advantage = a
@@ -427,14 +464,18 @@ class TapoTrainer:
         return kept, info
 
     # ---------------------------------------------------------------- old-policy log-probs
-    def _rescore_rows(self, rows: list[tuple], grad: bool) -> list[torch.Tensor]:
-        """rescore() for (image, prompt, ids) rows; rows with no tokens give empty tensors without a forward."""
+    def _rescore_rows(self, rows: list[tuple], grad: bool, whole: bool = False) -> list[torch.Tensor]:
+        """rescore() for (image, prompt, ids) rows; rows with no tokens give empty tensors without a forward.
+
+        A group's rows share their prompt (the same image object and question): ``rescore`` encodes it once
+        and reuses its KV cache for every row (``share_prompts``). ``whole``: one batch (as the update's
+        micro-batches), else no-grad batches of ``rescore_batch_size`` rows."""
         out: list[torch.Tensor] = [torch.zeros(0, device=self.device) for _ in rows]
         idx = [i for i, (_, _, ids) in enumerate(rows) if len(ids) > 0]
         if idx:
             scored = rescore(self.model, self.processor, [rows[i][0] for i in idx], [rows[i][1] for i in idx],
                              [rows[i][2] for i in idx], system=self.cfg.system, grad=grad,
-                             batch_size=None if grad else self.cfg.rescore_batch_size)
+                             batch_size=None if grad or whole else self.cfg.rescore_batch_size)
             for i, s in zip(idx, scored):
                 out[i] = s
         return out
@@ -444,22 +485,69 @@ class TapoTrainer:
         n = min(self.cfg.updates_per_batch, len(groups))
         return [part.tolist() for part in np.array_split(np.arange(len(groups)), n)]
 
+    def _micro_batches(self, groups: list[Group], part: list[int]) -> list[list[tuple]]:
+        """The (group, rollout) rows of one minibatch in micro-batches of whole groups: about
+        ``micro_batch_size`` rows, at least one group (its prompt is encoded once per micro-batch)."""
+        micro = self.cfg.micro_batch_size
+        chunks: list[list[tuple]] = []
+        current: list[tuple] = []
+        for i in part:
+            rows = [(groups[i], r) for r in groups[i].rollouts]
+            if current and micro is not None and len(current) + len(rows) > micro:
+                chunks.append(current)
+                current = []
+            current = current + rows
+        if current:
+            chunks.append(current)
+        return chunks
+
+    @property
+    def _neg_with_grad(self) -> bool:
+        """The literal Eq. 4 (``tapo-eq4``): x_neg log-probs recomputed with gradients in every update."""
+        return self.cfg.uses_negative and self.cfg.entropy_neg_grad
+
+    @property
+    def _exact_generation_logprobs(self) -> bool:
+        """Generation's log-probs equal a forward pass's (to float tolerance) only in fp32: in bf16 the
+        incremental decode and the update's full forward round differently, and the importance ratio at
+        theta = theta_old would not be 1."""
+        return not self.cfg.bf16_autocast and all(p.dtype == torch.float32 for p in self.params)
+
+    def _score(self, chunk: list[tuple], grad: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Log-probs of a micro-batch's responses under x* (the update image) and, for the literal Eq. 4,
+        under x_neg in the same forward; the update and the bf16 old-log-prob pass score the same batches."""
+        mode = self.cfg.positive_update_image
+        star = [(g.update_image(r, mode), g.prompt, r.token_ids) for g, r in chunk]
+        neg = [(g.negative_for(img), p, ids) for (g, _), (img, p, ids) in zip(chunk, star)] if self._neg_with_grad else []
+        scored = self._rescore_rows(star + neg, grad=grad, whole=True)
+        return scored[: len(chunk)], (scored[len(chunk):] if neg else None)
+
     @torch.no_grad()
     def _old_logprobs(self, groups: list[Group]) -> None:
-        """Old-policy log-probs under x*: the rollout's own (sampled under x*), else (positive rollouts scored
-        under the anchor, paper mode) a no-grad pass; plus, for the official no-grad negative, log-probs
-        under x_neg. The first minibatch's missing ones are left to ``_update``: until the first optimizer
-        step theta = theta_old, so its own detached log-probs are exactly the old ones (no extra pass)."""
+        """Old-policy log-probs under x*: in fp32 the rollout's own (sampled under x*), else (positive rollouts
+        scored under the anchor, paper mode) a no-grad pass; in bf16 (``bf16_autocast``) a no-grad forward of
+        every response, over the same micro-batches as the update, so that the ratio is 1 at theta = theta_old;
+        plus, for the official no-grad negative, log-probs under x_neg. The first minibatch's missing ones are
+        left to ``_update``: until the first optimizer step theta = theta_old, so its own detached log-probs are
+        exactly the old ones (no extra pass)."""
         mode = self.cfg.positive_update_image
         self.model.eval()
         todo = [(g, r) for g in groups for r in g.rollouts]
+        exact = self._exact_generation_logprobs
         for g, r in todo:
-            r.old_logp = r.gen_logp if g.update_source(r, mode) == r.source else None
-        first = {id(groups[i]) for i in self._minibatches(groups)[0]}
-        rows = [(g, r) for g, r in todo if r.old_logp is None and id(g) not in first]
-        for (g, r), lp in zip(rows, self._rescore_rows([(g.update_image(r, mode), g.prompt, r.token_ids)
-                                                         for g, r in rows], grad=False)):
-            r.old_logp = lp.float().cpu()
+            r.old_logp = r.gen_logp if exact and g.update_source(r, mode) == r.source else None
+        parts = self._minibatches(groups)
+        if exact:  # only positive rollouts under the anchor (paper mode): batched, prompts shared
+            later = {id(groups[i]) for part in parts[1:] for i in part}
+            rows = [(g, r) for g, r in todo if r.old_logp is None and id(g) in later]
+            for (g, r), lp in zip(rows, self._rescore_rows([(g.update_image(r, mode), g.prompt, r.token_ids)
+                                                             for g, r in rows], grad=False)):
+                r.old_logp = lp.float().cpu()
+        else:  # bf16: the update's own forward, batch for batch
+            for part in parts[1:]:
+                for chunk in self._micro_batches(groups, part):
+                    for (_, r), lp in zip(chunk, self._score(chunk, grad=False)[0]):
+                        r.old_logp = lp.float().cpu()
         if self.cfg.uses_negative and not self.cfg.entropy_neg_grad:
             negs = self._rescore_rows([(g.negative_for(g.update_image(r, mode)), g.prompt, r.token_ids)
                                        for g, r in todo], grad=False)
@@ -469,8 +557,7 @@ class TapoTrainer:
     # ---------------------------------------------------------------- Eq. 4 updates
     def _update(self, groups: list[Group]) -> dict:
         """``updates_per_batch`` optimizer steps, one per minibatch of groups (token mean per minibatch)."""
-        cfg, mode = self.cfg, self.cfg.positive_update_image
-        with_neg = cfg.uses_negative and cfg.entropy_neg_grad  # paper: x_neg scored with gradients, each update
+        cfg = self.cfg
         self.model.train()
         stats: list[dict] = []
         for part in self._minibatches(groups):
@@ -479,19 +566,14 @@ class TapoTrainer:
             if n_tokens == 0:
                 continue  # only empty responses: nothing to learn from
             self.opt.zero_grad(set_to_none=True)
-            micro = cfg.micro_batch_size or len(rows)
             acc: dict[str, float] = {}
-            for start in range(0, len(rows), micro):
-                chunk = rows[start : start + micro]
-                star = [(g.update_image(r, mode), g.prompt, r.token_ids) for g, r in chunk]
-                if with_neg:  # one forward for both images: x* rows, then x_neg rows
-                    neg = [(g.negative_for(img), p, ids) for (g, _), (img, p, ids) in zip(chunk, star)]
-                    scored = self._rescore_rows(star + neg, grad=True)
-                    logp_neg = _pad(scored[len(chunk):], self.device)[0]
+            for chunk in self._micro_batches(groups, part):
+                scored, scored_neg = self._score(chunk, grad=True)  # eq4: x* and x_neg rows in one forward
+                if scored_neg is not None:
+                    logp_neg = _pad(scored_neg, self.device)[0]
                 else:
-                    scored = self._rescore_rows(star, grad=True)
                     logp_neg = _pad([r.neg_logp for _, r in chunk], self.device)[0] if cfg.uses_negative else None
-                logp, mask = _pad(scored[: len(chunk)], self.device)
+                logp, mask = _pad(scored, self.device)
                 if any(r.old_logp is None for _, r in chunk) and stats:
                     raise RuntimeError("old log-probs missing after an optimizer step")
                 old = _pad([r.old_logp if r.old_logp is not None else lp.detach()  # theta = theta_old here
@@ -538,8 +620,10 @@ class TapoTrainer:
         else:  # dynamic sampling found no informative group in max_retries rounds: no update this step
             upd = {k: float("nan") for k in ("loss", "kl", "entropy", "entropy_neg", "clip_frac", "grad_norm")}
             skipped = 1
-            warnings.warn(f"TAPO step {step + 1}: no group with mixed accuracy after {info['retries']} retries; "
-                          f"update skipped")
+            msg = (f"TAPO step {step + 1}: no group with mixed accuracy after {info['retries']} retries "
+                   f"({info['generated_groups']} generated): the step trains on 0 groups, update skipped")
+            warnings.warn(msg)
+            log.warning(msg)
         _sync()
         t3 = time.perf_counter()
         return {"step": step + 1, **info, **upd, "skipped": skipped, "seconds": t3 - t0,

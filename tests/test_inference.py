@@ -165,3 +165,67 @@ def test_rescore_with_grad_reaches_vision_and_language(tiny):
     assert grads["model.language_model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
     assert model.lm_head.weight.grad.abs().sum() > 0  # tied with the input embeddings
     model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------ one prompt encoding per group
+
+SHARED_IMAGES = [IMAGES[0], IMAGES[0], IMAGES[0], _image(7, 168), _image(7, 168), None, None, IMAGES[2]]
+SHARED_PROMPTS = [PROMPTS[0]] * 3 + [PROMPTS[2]] * 2 + [PROMPTS[1]] * 2 + [PROMPTS[0]]
+
+
+def _shared_rows(model, processor):
+    """Groups of rows with one prompt each (the same image object + text), images of two sizes, a text-only
+    prompt, and completions of different lengths (one of a single token)."""
+    images = [SHARED_IMAGES[i] for i in (0, 0, 0, 3, 3, 5, 5, 7)]
+    out = generate(model, processor, images, SHARED_PROMPTS, do_sample=True, seed=4, return_scores=True, **GEN)
+    ids = [list(t) for t in out.token_ids]
+    ids[1] = ids[1][:1]
+    return images, ids, out
+
+
+def test_shared_prompt_rescoring_equals_row_by_row(tiny):
+    model, processor = tiny
+    images, ids, out = _shared_rows(model, processor)
+    rows = rescore(model, processor, images, SHARED_PROMPTS, ids, share_prompts=False)
+    shared = rescore(model, processor, images, SHARED_PROMPTS, ids, share_prompts=True)
+    auto = rescore(model, processor, images, SHARED_PROMPTS, ids)  # prompts repeat: shared
+    split = rescore(model, processor, images, SHARED_PROMPTS, ids, share_prompts=True, batch_size=2)
+    for r, s, a, b, g in zip(rows, shared, auto, split, out.logprobs):
+        assert s.shape == r.shape
+        torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, s, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[0], out.logprobs[0], rtol=0, atol=1e-4)  # and generation's
+
+
+def test_shared_prompt_gradients_equal_row_by_row(tiny):
+    """The prompt's forward runs with the graph: every parameter, the vision tower included, gets the same
+    gradient as with one full forward per row (to float tolerance)."""
+    model, processor = tiny
+    images, ids, _ = _shared_rows(model, processor)
+    weights = torch.linspace(0.5, 2.0, len(ids))
+    negatives = [_image(30) if img is not None else None for img in images]  # a second prompt set, as TAPO's x_neg
+    grads = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp = rescore(model, processor, images + negatives, SHARED_PROMPTS * 2, ids + ids, grad=True,
+                     share_prompts=share)
+        loss = sum(w * (a.sum() - token_kl_k3(a, n).sum()) for w, a, n in zip(weights, lp[: len(ids)], lp[len(ids):]))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    rows, shared = grads
+    assert set(rows) == set(shared)
+    assert shared["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # through the shared prompt's cache
+    for name in rows:  # float32 sums in another order: tolerance relative to the tensor's scale
+        scale = float(rows[name].abs().max())
+        torch.testing.assert_close(shared[name], rows[name], rtol=1e-4, atol=1e-5 * scale + 1e-8, msg=name)
+
+
+def test_prompt_batches_keep_groups_whole():
+    from finer1_lib.inference import _prompt_batches
+
+    keys = ["a", "a", "b", "a", "c", "c", "c", "b"]
+    assert _prompt_batches(keys, 4) == [[0, 1, 3], [2, 7], [4, 5, 6]]
+    assert _prompt_batches(keys, 2) == [[0, 1], [3], [2, 7], [4, 5], [6]]  # a group over batch_size is split
+    assert _prompt_batches(keys, 100) == [[0, 1, 3, 2, 7, 4, 5, 6]]

@@ -160,6 +160,27 @@ def test_negative_entropy_switch(neg_grad):
     assert stats["entropy_neg"] == pytest.approx(7.6 / 6)  # its value is the same either way
 
 
+def test_literal_eq4_raises_every_log_prob_under_the_negative():
+    """With gradients through x_neg and gamma < eta2, d loss / d log pi(o|q,x_neg) < 0 on every token, bounded
+    by (gamma - eta2) / N: a descent step raises every rollout's likelihood under x_neg (module docstring)."""
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(3, 5, generator=g) * 4).requires_grad_()
+    neg = (logp.detach() + torch.randn(3, 5, generator=g) * 3).clamp(max=0).requires_grad_()
+    adv, mask = torch.tensor([1.0, -0.5, 0.3]), torch.ones(3, 5, dtype=torch.bool)
+    cfg = TapoConfig.variant("tapo-eq4")
+    loss, _ = tapo_loss(logp, logp.detach(), adv, mask, neg, cfg)
+    loss.backward()
+    log_g = (neg - logp).detach()
+    clamped = (log_g.exp() - log_g - 1) > 10  # the KL clamp (official): only the eta2 term has a gradient there
+    expected = -(cfg.gamma * torch.where(clamped, 0.0, log_g.exp() - 1) + cfg.eta2) / mask.sum()
+    torch.testing.assert_close(neg.grad, expected, rtol=1e-5, atol=1e-8)
+    assert (neg.grad <= (cfg.gamma - cfg.eta2) / mask.sum() + 1e-9).all() and (neg.grad < 0).all()
+    neg.grad = None
+    loss, _ = tapo_loss(logp, logp.detach(), adv, mask, neg, TapoConfig.variant("tapo"))  # the default
+    loss.backward()
+    assert neg.grad is None or (neg.grad == 0).all()
+
+
 def test_kl_clamps_and_is_zero_for_equal_inputs():
     x = torch.tensor([-1.0, -3.0, -0.1])
     assert (k3_kl_clamped(x, x) == 0).all()
@@ -184,6 +205,10 @@ def test_config_variants_and_ratios():
     assert (tapo_cfg.n1, tapo_cfg.n2, tapo_cfg.lr, tapo_cfg.positive_update_image) == (5, 5, 1e-6, "anchor")
     for n1, n2 in [(10, 0), (8, 2), (5, 5), (2, 8), (0, 10)]:
         assert TapoConfig.variant("tapo", n1=n1, n2=n2).n1 + n2 == 10
+    # the default is the official reading (no gradient through x_neg); the literal Eq. 4 is a named variant
+    assert not TapoConfig().entropy_neg_grad and not TapoConfig.variant("tapo").entropy_neg_grad
+    eq4 = TapoConfig.variant("tapo-eq4")
+    assert eq4.entropy_neg_grad and {k: getattr(eq4, k) for k in tapo.VARIANTS["tapo"]} == tapo.VARIANTS["tapo"]
     with pytest.raises(ValueError, match="unknown TAPO variant"):
         TapoConfig.variant("grpo")
     with pytest.raises(ValueError, match="n1 \\+ n2 >= 2"):
@@ -261,6 +286,19 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills(setup, monkeypatch):
     assert info["accuracy"] == pytest.approx((4 + 1 + 0 + 1) / 16)
 
 
+def test_dynamic_sampling_out_of_retries_says_so(setup, monkeypatch, caplog):
+    bench, processor, tokenizer = setup
+    # round 0: group 0 mixed (kept), group 1 all wrong; round 1 (the only retry): all wrong -> 1 of 2 groups
+    fake = scripted_generate(bench, lambda call, row: mixed(call, row) if call == 0 and row < 4 else "wrong")
+    monkeypatch.setattr(tapo, "generate", fake)
+    cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, max_retries=1, seed=0)
+    with pytest.warns(UserWarning, match=r"ran out of retries \(1 of max_retries=1\): the step trains on 1 of 2 groups"):
+        with caplog.at_level("WARNING", logger="finer1_lib.tapo"):
+            row = TapoTrainer(_model(tokenizer), processor, bench, cfg).step(0)
+    assert row["kept_groups"] == 1 and row["skipped"] == 0 and row["retries"] == 1
+    assert "trains on 1 of 2 groups" in caplog.text
+
+
 def test_degenerate_groups_and_empty_answers_give_no_nan(setup, monkeypatch):
     bench, processor, tokenizer = setup
     model = _model(tokenizer)
@@ -317,7 +355,7 @@ def test_update_image_of_positive_rollouts(setup, monkeypatch, mode):
     monkeypatch.setattr(tapo, "tapo_loss", loss_spy)
     model = _model(tokenizer)
     cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, updates_per_batch=2, micro_batch_size=None,
-                     positive_update_image=mode)
+                     positive_update_image=mode, entropy_neg_grad=True)  # the literal Eq. 4: x_neg with grad
     trainer = TapoTrainer(model, processor, bench, cfg)
     groups, _ = trainer.rollout(0)
     trainer._old_logprobs(groups)
@@ -348,6 +386,78 @@ def test_update_image_of_positive_rollouts(setup, monkeypatch, mode):
     assert grad_images.count(g.images["anchor"].tobytes()) == (4 if mode == "anchor" else 2)
     assert grad_images.count(g.images["positive"].tobytes()) == (0 if mode == "anchor" else 2)
     assert grad_images.count(g.images["negative"].tobytes()) == 4  # the paper's x_neg pass, with gradients
+
+
+@pytest.mark.parametrize("variant", ["tapo", "tapo-eq4", "dapo"])
+def test_update_with_one_prompt_encoding_per_group_equals_row_by_row(setup, monkeypatch, variant):
+    """The update's forward encodes each group's prompt once (KV cache gathered to the rows): the same
+    log-probs and gradients as one full forward per response, to float tolerance."""
+    bench, processor, tokenizer = setup
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, mixed))
+    real = tapo.rescore
+    results = {}
+    for share in (False, True):
+        monkeypatch.setattr(tapo, "rescore", lambda *a, **kw: real(*a, **kw, share_prompts=share))
+        cfg = TapoConfig.variant(variant, n1=2, n2=2, prompts_per_step=3, updates_per_batch=2, micro_batch_size=5,
+                                 seed=1)
+        trainer = TapoTrainer(_model(tokenizer), processor, bench, cfg)
+        groups, _ = trainer.rollout(0)
+        trainer._old_logprobs(groups)
+        logps, grads = [], []
+        monkeypatch.setattr(tapo, "tapo_loss", lambda lp, old, *a, **kw: logps.append(lp.detach().clone())
+                            or tapo_loss(lp, old, *a, **kw))
+        # record the gradient of each optimizer step, and keep theta fixed so that both runs see the same weights
+        trainer.opt.step = lambda: grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                                 if p.grad is not None})
+        trainer._update(groups)
+        monkeypatch.setattr(tapo, "tapo_loss", tapo_loss)
+        results[share] = (logps, grads, [r.neg_logp for g in groups for r in g.rollouts])
+    (lp_rows, g_rows, neg_rows), (lp_shared, g_shared, neg_shared) = results[False], results[True]
+    assert len(lp_rows) == len(lp_shared) == 3 and len(g_rows) == len(g_shared) == 2  # micro-batches of whole groups
+    for a, b in zip(lp_rows, lp_shared):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(neg_rows, neg_shared):
+        assert (a is None) == (b is None) == (variant != "tapo")
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_rows, g_shared):
+        assert set(a) == set(b) and "model.visual.patch_embed.proj.weight" in b
+        for name in a:
+            scale = float(a[name].abs().max())
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5 * scale + 1e-8, msg=name)
+
+
+def test_bf16_old_logprobs_come_from_a_forward_ratio_one_at_theta_old(setup):
+    """bf16 (the real profiles): generation's log-probs round differently from the update's forward, so the old
+    log-probs are recomputed by a forward over the update's own micro-batches; with lr = 0 (theta stays
+    theta_old through every minibatch) the importance ratio is 1 on every token. In fp32 the rollout's own
+    log-probs are kept (exact to float tolerance; the tests above)."""
+    bench, processor, tokenizer = setup
+    cfg = TapoConfig(n1=2, n2=2, prompts_per_step=3, updates_per_batch=2, micro_batch_size=5, max_new_tokens=8,
+                     dynamic_sampling=False, bf16_autocast=True, lr=0.0, seed=2)
+    trainer = TapoTrainer(_model(tokenizer), processor, bench, cfg)
+    ratios = []
+    real_loss = tapo.tapo_loss
+
+    def spy(logp, old, adv, mask, *a, **kw):
+        ratios.append(torch.exp(logp.detach() - old)[mask.bool()])
+        return real_loss(logp, old, adv, mask, *a, **kw)
+
+    tapo.tapo_loss = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            groups, _ = trainer.rollout(0)
+            trainer._old_logprobs(groups)
+            later = [r for g in groups[2:] for r in g.rollouts]  # minibatch 2: rescored before any step
+            assert all(r.old_logp is not r.gen_logp and r.old_logp is not None for r in later)
+            # why: in bf16 the incremental decode's log-probs are off by ~1e-3 (a ratio 1 +- 0.3 % at theta_old)
+            assert max(float((r.gen_logp - r.old_logp).abs().max()) for r in later if r.source == "anchor") > 1e-4
+            trainer._update(groups)
+    finally:
+        tapo.tapo_loss = real_loss
+    every = torch.cat(ratios)
+    assert every.numel() == sum(len(r.token_ids) for g in groups for r in g.rollouts)
+    torch.testing.assert_close(every, torch.ones_like(every), rtol=0, atol=1e-5)
 
 
 def test_dapo_variant_never_touches_positive_or_negative_images(setup, monkeypatch):
