@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .records import DATA_DIR, REPO_ROOT
 
-__all__ = ["Profile", "PROFILES", "get_profile", "profile_names", "current_run_dir", "BASE_MODEL_DIR"]
+__all__ = ["Profile", "PROFILES", "get_profile", "profile_names", "current_run_dir", "BASE_MODEL_DIR", "SFT_BASE",
+           "ProfileError"]
 
 #: The shipped micro-world base model (built by ``python -m finer1_lib pretrain --profile cpu``).
 BASE_MODEL_DIR = DATA_DIR / "base_model"
@@ -44,7 +45,7 @@ class Profile:
     pretrain: dict = field(default_factory=dict)
     concepts: dict = field(default_factory=dict)   # §4.2 (1)
     cot: dict = field(default_factory=dict)        # §4.2 (2)
-    sft: dict = field(default_factory=dict)        # §4.2 stage 1 (see sft.SFT_DEFAULTS)
+    sft: dict = field(default_factory=dict)        # §4.2 stage 1 (SFT_BASE and its overrides)
     tapo: dict = field(default_factory=dict)       # §4.3 stage 2 (TapoConfig fields; + epochs, seeds)
     eval: dict = field(default_factory=dict)
     # --- output
@@ -84,11 +85,15 @@ _CPU_PRETRAIN = dict(steps=6000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=200
 _CPU_CONCEPTS = dict(per_class=4, samples_per_prompt=2, temperature=1.0, max_new_tokens=40, beta=0.1,
                      min_support=0.3, neighbours=3)
 _CPU_COT = dict(teacher="knowledge-base", max_retries=5, p_wrong=0.2, p_drop_gt=0.1, p_extra_candidates=0.1)
-_CPU_SFT = dict(epochs=15, batch_size=8, grad_accum=1, lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
-                lr_scheduler="cosine", bf16=False, save_every_epochs=5, seed=0, replay=0.0)
+# SFT (§4.2 stage 1): every setting sft.train_sft reads, with the tiny model's values (the one place they are
+# set: sft.SFT_DEFAULTS is this dict). Optional, off unless set: max_steps, lora, gradient_checkpointing.
+SFT_BASE = dict(epochs=15, batch_size=8, grad_accum=1, lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
+                lr_scheduler="cosine", max_grad_norm=1.0, bf16=False, save_every_epochs=5, seed=0, replay=0.0,
+                logging_steps=5)
+_CPU_SFT = dict(SFT_BASE)
 # The official settings (official-implementation.md): full FT, bs 4 x accum 4, lr 5e-6 cosine, wd 0.1, 10 epochs.
-_PAPER_SFT = dict(epochs=10, batch_size=4, grad_accum=4, lr=5e-6, warmup_frac=0.03, weight_decay=0.1,
-                  lr_scheduler="cosine", bf16=True, save_every_epochs=1, seed=0, replay=0.0)
+_PAPER_SFT = dict(SFT_BASE, epochs=10, batch_size=4, grad_accum=4, lr=5e-6, warmup_frac=0.03, bf16=True,
+                  save_every_epochs=1)
 # TAPO (§4.3). The tiny model: 16 steps of 4 triplets x 10 rollouts (~10-15 s a step on 2 cores), lr 5e-5
 # (SFT ran at 3e-4). `seeds`: the seeds the notebooks run (the CLI's --seeds overrides).
 _CPU_TAPO = dict(steps=16, prompts_per_step=4, updates_per_batch=2, lr=5e-5, max_new_tokens=160,
@@ -137,12 +142,16 @@ def profile_names() -> list[str]:
     return list(PROFILES)
 
 
+class ProfileError(ValueError):
+    """An unknown profile name (from an argument or ``$FINER1_PROFILE``)."""
+
+
 def get_profile(name: str | Profile | None = None) -> Profile:
     """The named profile, or ``$FINER1_PROFILE``, or ``cpu``."""
     if isinstance(name, Profile):
         return name
+    source = "argument" if name else "FINER1_PROFILE" if os.environ.get("FINER1_PROFILE") else "default"
     name = name or os.environ.get("FINER1_PROFILE") or "cpu"
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r} (from {'FINER1_PROFILE' if 'FINER1_PROFILE' in os.environ else 'argument'}); "
-                         f"choose one of {profile_names()}")
+        raise ProfileError(f"unknown profile {name!r} (from {source}); choose one of {', '.join(profile_names())}")
     return PROFILES[name]
