@@ -1,6 +1,10 @@
-"""Command line: ``python -m finer1_lib <stage> --profile P --seed S --out DIR``.
+"""Command line: ``python -m finer1_lib <stage> --profile P --seed S --out DIR [--set key=value ...]``.
 
 Every stage of the tutorial is a function of the library; this file only parses arguments and calls it.
+``--set lr=1e-4`` overrides one setting of the command's stage (``--set sft.lr=1e-4`` names the stage); an
+unknown key is an error naming it and the valid keys. A bad input (unknown profile or setting, a file that does
+not parse, an ``--out`` that cannot be written, a damaged model file) prints one line ``error: ...`` on stderr
+and exits with code 2, before anything is written where possible; Ctrl-C exits with 130 and no traceback.
 """
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ import sys
 from pathlib import Path
 
 from .profiles import get_profile, profile_names
+
+#: The settings dict that a bare ``--set key=value`` of a command changes.
+SET_STAGE = {"concepts": "concepts", "cot": "cot", "sft": "sft", "tapo": "tapo", "evaluate": "eval",
+             "analyze": "eval"}
 
 STAGES: dict[str, tuple[str, callable]] = {}
 
@@ -165,10 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (help, _) in STAGES.items():
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--profile", default=os.environ.get("FINER1_PROFILE", "cpu"), choices=profile_names(),
+        p.add_argument("--profile", default=None, choices=profile_names(),  # $FINER1_PROFILE: checked in main
                        help="sizes and model (default: $FINER1_PROFILE or cpu)")
         p.add_argument("--seed", type=int, default=0, help="run seed (split, shots, training)")
         p.add_argument("--out", default="", help="output folder (default: data/runs/<profile>/...)")
+        if name in SET_STAGE:
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help=f"override a setting of profile.{SET_STAGE[name]} (repeatable; "
+                                f"stage.key=value for another stage, e.g. sft.lr=1e-4)")
         if name == "pretrain":
             p.add_argument("--steps", type=int, default=None, help="override the profile's step count")
             p.add_argument("--ship", action="store_true", help="copy the result to data/base_model (the shipped model)")
@@ -207,11 +219,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    get_profile(args.profile)  # validates
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be a folder this process can write to; checked before any stage writes there."""
+    import tempfile
+
+    if not out:
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; pass a folder (it is created if missing)")
     try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check.", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"--out {out} cannot be written to ({err.strerror or type(err).__name__}); "
+                              f"pass a writable folder") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import parse_sets, with_overrides
+    from .model import CorruptModelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        profile = get_profile(args.profile)  # an unknown name (argument or $FINER1_PROFILE): error, exit 2
+        if getattr(args, "set", None):
+            profile = with_overrides(profile, parse_sets(args.set, SET_STAGE.get(args.stage)))
+        args.profile = profile
+        _check_out(args.out)
         return STAGES[args.stage][1](args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): finished checkpoints and files are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
+            CorruptModelError, UnicodeDecodeError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -253,15 +253,24 @@ def _class_rates(results: Sequence[ConceptResult]) -> dict[str, dict[str, float]
     return {c: {k: n / totals[c] for k, n in cnt.items()} if totals[c] else {} for c, cnt in counts.items()}
 
 
-def filter_concepts(results: Sequence[ConceptResult], similarity: Similarity | None = None, *, beta: float = 0.1,
-                    min_support: float = 0.5, neighbours: int = 3, eps: float = 1e-3) -> list[ConceptResult]:
+def filter_concepts(results: Sequence[ConceptResult], similarity: Similarity | None = None, *,
+                    beta: float | None = None, min_support: float | None = None, neighbours: int | None = None,
+                    eps: float = 1e-3) -> list[ConceptResult]:
     """The information-bottleneck-style filter of §4.2 (1); see the module docstring for the exact criterion.
 
     N(c) = the ``neighbours`` classes most similar to c by ``similarity`` among the classes present in
     ``results`` (they are the only ones with captions: the seen classes' few-shot images); ``similarity=None``
     uses every other class of the same super-category present. With no neighbour, p(k|N(c)) = 0.
-    Returns new results (``filtered=True``); the inputs are not modified.
+    ``beta``, ``min_support`` and ``neighbours`` left out are the current profile's (``profile.concepts``:
+    the one place they are set). Returns new results (``filtered=True``); the inputs are not modified.
     """
+    if None in (beta, min_support, neighbours):
+        from .profiles import get_profile
+
+        cfg = get_profile().concepts
+        beta = cfg["beta"] if beta is None else beta
+        min_support = cfg["min_support"] if min_support is None else min_support
+        neighbours = cfg["neighbours"] if neighbours is None else neighbours
     if neighbours < 0:
         raise ValueError(f"neighbours must be >= 0, got {neighbours}")
     rates = _class_rates(results)

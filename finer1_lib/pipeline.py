@@ -9,20 +9,27 @@ Artifacts of a run live in one folder (``data/runs/<profile>/`` or ``$FINER1_RUN
     tapo-{variant}-seed{S}/    checkpoints, tapo_log.csv, the model    (tapo, §4.3 stage 2)
     */eval*.csv                cached evaluations of a folder's model  (evaluate)
 
-A stage whose output exists is not redone (pass ``force=True``); training stages resume from checkpoints.
+One config per run: each stage's settings are one dict from the profile (``config.stage_config``; the CLI's
+``--set key=value`` overrides them). A run's key is a hash of its settings and of its parent's key (base model
+weights, benchmark, concepts, CoT set, SFT model): ``run.json`` in the run folder holds it. A run whose key is
+the folder's is reused (or resumed); another key is a new run, and the folder's previous run is parked in
+``.by-key/`` (``config.claim_run_folder``). Evaluations are cached per model key and evaluation settings.
+``force=True`` / ``fresh=True`` redo a stage.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from .benchmark import Benchmark, build_benchmark, load_benchmark
+from .config import claim_run_folder, digest, file_digest, read_run_info, run_key, stage_config
 from .io import write_json
 from .profiles import Profile, current_run_dir, get_profile
 
 __all__ = ["get_benchmark", "load_base_model", "training_dtype", "run_concepts", "run_cot", "run_sft", "sft_samples",
            "shipping_metrics", "sft_comparison", "run_tapo", "tapo_config", "METHODS", "method_model",
            "evaluate_method", "evaluate_methods", "compare_methods", "tapo_ablation", "tapo_ratios", "RATIOS",
-           "mean_std", "run_analysis", "ANALYSIS_DEFAULTS", "run_clip"]
+           "mean_std", "run_analysis", "ANALYSIS_DEFAULTS", "run_clip", "sft_config", "base_model_key",
+           "bench_key", "sft_key", "tapo_key", "method_key"]
 
 
 def _run_dir(profile: Profile, out) -> Path:
@@ -34,8 +41,42 @@ def get_benchmark(profile=None, out=None, seed: int = 0, progress: bool = False)
     profile = get_profile(profile)
     path = _run_dir(profile, out) / f"benchmark-seed{seed}"
     if (path / "benchmark.json").is_file():
-        return load_benchmark(path)
+        return _check_eval_files(load_benchmark(path))
     return build_benchmark(profile, path, seed, progress=progress)
+
+
+def _check_eval_files(bench: Benchmark) -> Benchmark:
+    """Every (super-category, seen/unseen) of the split with classes has eval records: an empty or missing
+    ``eval/<super>_<split>.jsonl`` would silently drop a column of every table."""
+    from collections import Counter
+
+    have = Counter((r["super_category"], r["split"]) for r in bench.eval_rows)
+    for sc, parts in bench.split.items():
+        for which in ("seen", "unseen"):
+            if parts.get(which) and not have[sc, which]:
+                f = bench.root / "eval" / f"{sc}_{which}.jsonl"
+                state = "is empty" if f.is_file() else "is missing"
+                raise ValueError(f"{f} {state}: the benchmark's {which} {sc} classes would have no evaluation "
+                                 f"records; rebuild the benchmark (delete {bench.root}) or restore the file")
+    return bench
+
+
+def base_model_key(profile=None) -> str:
+    """The base model's key: a hash of its folder's config and weight files (a retrained model is another
+    model), or the hub id."""
+    profile = get_profile(profile)
+    folder = Path(profile.model)
+    if (folder / "config.json").is_file():
+        files = sorted(p for p in folder.iterdir()
+                       if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+        return digest({p.name: file_digest(p) for p in files})
+    return f"hub:{profile.model}"
+
+
+def bench_key(bench: Benchmark) -> str:
+    """The benchmark's key: a hash of its records, split and triplets (images follow from them)."""
+    return digest({name: file_digest(bench.root / name) for name in ("records.jsonl", "split.json", "triplets.jsonl")
+                   if (bench.root / name).is_file()})
 
 
 def training_dtype(profile=None, lora: bool = False) -> str | None:
@@ -60,15 +101,20 @@ def load_base_model(profile=None, train: bool = False, lora: bool = False):
 
 def run_concepts(profile=None, out=None, seed: int = 0, model=None, processor=None, force: bool = False,
                  progress: bool = True):
-    """§4.2 (1): caption the few-shot images, pool and filter concepts -> ``concepts-seed{S}.jsonl``."""
+    """§4.2 (1): caption the few-shot images, pool and filter concepts -> ``concepts-seed{S}.jsonl``.
+
+    Reused when ``concepts-seed{S}.run.json`` holds the key of these settings, base model and benchmark;
+    recomputed when the key differs. A concepts file without it (written by hand) is used as is."""
     from .concepts import extract_concepts_for, filter_concepts, load_concepts, micro_vocabulary, save_concepts
 
     profile = get_profile(profile)
     path = _run_dir(profile, out) / f"concepts-seed{seed}.jsonl"
-    if path.is_file() and not force:
-        return load_concepts(path)
-    cfg = profile.concepts
+    cfg = stage_config(profile, "concepts")
     bench = get_benchmark(profile, out, seed)
+    key = run_key("concepts", cfg, {"base": base_model_key(profile), "bench": bench_key(bench), "seed": seed})
+    info = path.with_suffix(".run.json")
+    if path.is_file() and not force and (not info.exists() or _sidecar_key(info) == key):
+        return load_concepts(path)
     if model is None:
         model, processor = load_base_model(profile)
     results = extract_concepts_for(
@@ -79,7 +125,17 @@ def run_concepts(profile=None, out=None, seed: int = 0, model=None, processor=No
     results = filter_concepts(results, bench.similarity, beta=cfg["beta"], min_support=cfg["min_support"],
                               neighbours=cfg["neighbours"])
     save_concepts(path, results)
+    write_json(info, {"key": key, "stage": "concepts", "config": cfg})
     return results
+
+
+def _sidecar_key(path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(path.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _teacher(profile: Profile, seed: int):
@@ -99,18 +155,24 @@ def _teacher(profile: Profile, seed: int):
 
 
 def run_cot(profile=None, out=None, seed: int = 0, force: bool = False, progress: bool = True):
-    """§4.2 (2): teacher rationales + filters -> ``cot-seed{S}/cot_sft.json`` (and the direct-answer set)."""
+    """§4.2 (2): teacher rationales + filters -> ``cot-seed{S}/cot_sft.json`` (and the direct-answer set).
+    Reused when ``cot-seed{S}/run.json`` holds the key of these settings and concepts (a folder without it,
+    written by hand or by notebook 02, is used as is)."""
     from .concepts import concepts_by_image
     from .cot import build_cot_dataset, direct_answer_samples, write_sharegpt
 
+    import json
+
     profile = get_profile(profile)
     folder = _run_dir(profile, out) / f"cot-seed{seed}"
-    if (folder / "stats.json").is_file() and not force:
-        import json
-
-        return folder, json.loads((folder / "stats.json").read_text())
     results = run_concepts(profile, out, seed, progress=progress)
     bench = get_benchmark(profile, out, seed)
+    concepts = _run_dir(profile, out) / f"concepts-seed{seed}.jsonl"
+    key = run_key("cot", stage_config(profile, "cot"), {"concepts": file_digest(concepts), "bench": bench_key(bench),
+                                                       "seed": seed})
+    saved = read_run_info(folder)
+    if (folder / "stats.json").is_file() and not force and (saved is None or saved["key"] == key):
+        return folder, json.loads((folder / "stats.json").read_text())  # (no run.json: written by hand, used as is)
     samples, stats = build_cot_dataset(_teacher(profile, seed), bench, concepts_by_image(results),
                                        max_retries=profile.cot["max_retries"], seed=seed, skip_empty=True,
                                        progress=progress)
@@ -119,6 +181,7 @@ def run_cot(profile=None, out=None, seed: int = 0, force: bool = False, progress
     write_sharegpt(folder / "cot_sft.json", samples)
     write_sharegpt(folder / "direct_sft.json", direct_answer_samples(samples))
     write_json(folder / "stats.json", stats.to_dict())
+    write_json(folder / "run.json", {"key": key, "stage": "cot", "config": stage_config(profile, "cot")})
     return folder, stats.to_dict()
 
 
@@ -133,27 +196,55 @@ def sft_samples(profile=None, out=None, seed: int = 0, data: str = "cot") -> lis
     return read_sharegpt(folder / f"{data}_sft.json", image_root=get_benchmark(profile, out, seed).root)
 
 
+def sft_config(profile=None, seed: int = 0, **overrides) -> dict:
+    """The settings of an SFT run: ``profile.sft`` (complete: ``profiles.SFT_BASE``), then ``overrides``
+    (unknown keys are an error), with the run's seed."""
+    return {**stage_config(profile, "sft", overrides), "seed": seed}
+
+
+def sft_key(profile=None, out=None, seed: int = 0, data: str = "cot", **overrides) -> str:
+    """The key of an SFT run: its settings, the training dtype, the base model, the SFT set's bytes and the
+    benchmark (builds the CoT set if missing)."""
+    profile = get_profile(profile)
+    cfg = sft_config(profile, seed, **overrides)
+    if data not in ("cot", "direct"):
+        raise ValueError(f"unknown SFT data {data!r}; expected 'cot' or 'direct'")
+    folder, _ = run_cot(profile, out, seed, progress=False)
+    parent = {"base": base_model_key(profile), "data": data, "sft_set": file_digest(folder / f"{data}_sft.json"),
+              "bench": bench_key(get_benchmark(profile, out, seed)),
+              "dtype": training_dtype(profile, lora=bool(cfg.get("lora")))}
+    if cfg.get("replay"):
+        parent["replay_world"] = [profile.world_seed, profile.image_size, profile.n_genera]
+    return run_key("sft", cfg, parent)
+
+
 def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: bool = True,
-            max_steps: int | None = None, fresh: bool = False) -> dict:
+            max_steps: int | None = None, fresh: bool = False, **overrides) -> dict:
     """Stage 1 of Fine-R1: fine-tune the base model on the CoT set (or the direct-answer baseline).
 
-    Resumes from the folder's last checkpoint (a finished run is not redone); ``fresh=True`` starts over."""
+    The settings are :func:`sft_config` (``max_steps`` and ``overrides`` on top of ``profile.sft``). The run
+    with the same key (:func:`sft_key`) is reused when finished and resumed from its last checkpoint when
+    interrupted; other settings, another base model or another SFT set are a new run (the previous one is
+    parked in ``.by-key/``). ``fresh=True`` starts over. Returns the summary with ``model`` and ``key``."""
     import json
     import shutil
 
-    from .sft import SFT_DEFAULTS, examples_from_samples, replay_examples, train_sft
+    from .sft import examples_from_samples, replay_examples, train_sft
     from .world import World
 
     profile = get_profile(profile)
-    cfg = dict(profile.sft, seed=seed)
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    cfg = sft_config(profile, seed, **overrides)
+    key = sft_key(profile, out, seed, data, **overrides)
     folder = _run_dir(profile, out) / f"sft-{data}-seed{seed}"
     if fresh and folder.exists():
         shutil.rmtree(folder)
+    folder, same = claim_run_folder(folder, key, {"stage": "sft", "data": data, "config": cfg})
     done = folder / "sft.json"
-    if done.is_file() and (folder / "model").is_dir() and max_steps is None:  # finished: not redone
+    if same and done.is_file() and (folder / "model").is_dir():  # finished: not redone
         summary = json.loads(done.read_text())
-        if summary.get("max_steps") is None and summary.get("cfg") == json.loads(json.dumps({**SFT_DEFAULTS, **cfg})):
-            return {**summary, "model": str(folder / "model"), "reused": True}
+        return {**summary, "model": str(folder / "model"), "key": key, "reused": True}
     samples = sft_samples(profile, out, seed, data)
     bench = get_benchmark(profile, out, seed)
     examples = examples_from_samples(samples, bench.image)
@@ -165,7 +256,10 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
         from .model import _wrap_lora
 
         model = _wrap_lora(model, cfg["lora"], quantized=False)
-    summary = train_sft(model, processor, examples, folder, cfg, progress=progress, max_steps=max_steps)
+    train_cfg = {k: v for k, v in cfg.items() if k != "max_steps"}
+    summary = train_sft(model, processor, examples, folder, train_cfg, progress=progress, max_steps=cfg["max_steps"])
+    summary = {**summary, "key": key}
+    write_json(done, summary)
     summary["model"] = str(folder / "model")
     return summary
 
@@ -217,23 +311,25 @@ def sft_comparison(profile=None, out=None, seeds=(0, 1, 2), progress: bool = Fal
 
 
 def tapo_config(profile=None, seed: int = 0, variant: str = "tapo", n_triplets: int | None = None, **overrides):
-    """The TapoConfig of a profile: the variant's preset (``tapo.VARIANTS``), then ``profile.tapo``, then
-    ``overrides``. ``profile.tapo["epochs"]`` (the real profiles) sets the step count from the number of
-    triplets; the keys ``seeds`` and ``variants`` are for the drivers, not the trainer."""
+    """The TapoConfig of a run: the variant's preset (``tapo.VARIANTS``), then ``profile.tapo``, then
+    ``overrides`` (a key that is not a setting, in the profile or in the overrides, is an error naming it).
+    ``epochs`` (the real profiles) sets the step count from the number of triplets; ``seeds`` is for the
+    drivers, not the trainer."""
     import dataclasses
     import math
 
     from .tapo import TapoConfig
 
     profile = get_profile(profile)
+    merged = stage_config(profile, "tapo", overrides)
     fields = {f.name for f in dataclasses.fields(TapoConfig)}
-    cfg = {k: v for k, v in profile.tapo.items() if k in fields}
-    if "epochs" in profile.tapo and "steps" not in overrides:
+    cfg = {k: v for k, v in merged.items() if k in fields}
+    if "epochs" in merged and "steps" not in overrides:
         if not n_triplets:
             raise ValueError(f"profile {profile.name!r} gives TAPO epochs: the number of triplets is needed")
-        cfg["steps"] = max(1, math.ceil(profile.tapo["epochs"] * n_triplets / cfg.get("prompts_per_step", 8)))
+        cfg["steps"] = max(1, math.ceil(merged["epochs"] * n_triplets / cfg.get("prompts_per_step", 8)))
     cfg.setdefault("bf16_autocast", profile.dtype == "bfloat16")  # fp32 weights, bf16 compute (training_dtype)
-    return TapoConfig.variant(variant, **{**cfg, **overrides, "seed": seed})
+    return TapoConfig.variant(variant, **{**cfg, "seed": seed})
 
 
 def _tapo_folder(variant: str, seed: int, n1: int | None, n2: int | None) -> str:
@@ -248,10 +344,17 @@ def _tapo_folder(variant: str, seed: int, n1: int | None, n2: int | None) -> str
 
 
 def _tapo_key(key: str) -> tuple[str, int | None, int | None]:
-    """"tapo-intra" -> ("intra", None, None); "tapo-tapo-2x8" -> ("tapo", 2, 8) (an n1:n2 run, Table 3a)."""
-    variant, _, ratio = key[len("tapo-"):].partition("-")
+    """"tapo-intra" -> ("intra", None, None); "tapo-tapo-2x8" -> ("tapo", 2, 8) (an n1:n2 run, Table 3a);
+    a variant with a dash ("tapo-tapo-eq4") is matched whole."""
+    from .tapo import VARIANTS
+
+    rest = key[len("tapo-"):]
+    for variant in sorted(VARIANTS, key=len, reverse=True):
+        if rest == variant:
+            return variant, None, None
+    variant, _, ratio = rest.rpartition("-") if "-" in rest else (rest, "", "")
     if not ratio:
-        return variant, None, None
+        return rest, None, None
     try:
         n1, n2 = (int(v) for v in ratio.split("x"))
     except ValueError:
@@ -259,14 +362,25 @@ def _tapo_key(key: str) -> tuple[str, int | None, int | None]:
     return variant, n1, n2
 
 
+def tapo_key(profile=None, out=None, seed: int = 0, variant: str = "tapo", n1: int | None = None,
+             n2: int | None = None, **overrides) -> str:
+    """The key of a TAPO run: its TapoConfig, the CoT-SFT model's key and the benchmark."""
+    profile = get_profile(profile)
+    bench = get_benchmark(profile, out, seed)
+    ratio = {k: v for k, v in (("n1", n1), ("n2", n2)) if v is not None}
+    cfg = tapo_config(profile, seed, variant, n_triplets=len(bench.triplets), **ratio, **overrides)
+    return run_key("tapo", cfg.to_dict(), {"sft": sft_key(profile, out, seed, "cot"), "bench": bench_key(bench)})
+
+
 def run_tapo(profile=None, out=None, seed: int = 0, variant: str = "tapo", progress: bool = True,
              n1: int | None = None, n2: int | None = None, fresh: bool = False, **overrides) -> dict:
     """Stage 2 of Fine-R1 (§4.3): TAPO, or one of its ablation variants (dapo, intra, inter, tapo; any n1:n2),
-    from the CoT-SFT model of the same seed (trained first if missing). Resumes from the folder's checkpoint;
-    a finished run is not redone; ``fresh=True`` starts over. Returns the summary with ``model``."""
-    import shutil
-
+    from the CoT-SFT model of the same seed (trained first if missing). ``overrides``: TapoConfig settings
+    (an unknown one is an error). The run with the same key (:func:`tapo_key`: settings + the SFT model's key)
+    is reused when finished and resumed when interrupted; another key is a new run (the previous one is
+    parked in ``.by-key/``). ``fresh=True`` starts over. Returns the summary with ``model`` and ``key``."""
     import json
+    import shutil
 
     from .model import load_model
     from .tapo import TapoTrainer
@@ -275,17 +389,19 @@ def run_tapo(profile=None, out=None, seed: int = 0, variant: str = "tapo", progr
     bench = get_benchmark(profile, out, seed)
     ratio = {k: v for k, v in (("n1", n1), ("n2", n2)) if v is not None}
     cfg = tapo_config(profile, seed, variant, n_triplets=len(bench.triplets), **ratio, **overrides)
+    key = tapo_key(profile, out, seed, variant, n1, n2, **overrides)
     folder = _run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2)
     if fresh and folder.exists():
         shutil.rmtree(folder)
+    folder, same = claim_run_folder(folder, key, {"stage": "tapo", "variant": variant, "config": cfg.to_dict()})
     done = folder / "tapo.json"
-    if done.is_file() and (folder / "model").is_dir():
+    if same and done.is_file() and (folder / "model").is_dir():
         summary = json.loads(done.read_text())
-        if summary.get("steps") == cfg.steps:
-            return {**summary, "model": str(folder / "model"), "reused": True}
+        return {**summary, "model": str(folder / "model"), "key": key, "reused": True}
     sft = run_sft(profile, out, seed, "cot", progress=progress)
     model, processor = load_model(sft["model"], dtype=training_dtype(profile))  # fp32 master weights
-    summary = TapoTrainer(model, processor, bench, cfg, folder).train(progress=progress)
+    summary = {**TapoTrainer(model, processor, bench, cfg, folder).train(progress=progress), "key": key}
+    write_json(done, {k: v for k, v in summary.items() if k != "model"})
     return {**summary, "model": str(folder / "model")}
 
 
@@ -301,21 +417,39 @@ METHODS = {
 }
 
 
+def _clip_config(profile: Profile, seed: int):
+    from .clip_baseline import clip_config
+
+    cfg = dict(profile.eval.get("clip", {"preset": "cpu"}))
+    return clip_config(cfg.pop("preset"), seed=seed, **cfg)
+
+
+def _clip_key(profile: Profile, seed: int) -> str:
+    from dataclasses import asdict
+
+    return run_key("clip", asdict(_clip_config(profile, seed)),
+                   {"world": [profile.world_seed, profile.image_size, profile.n_genera]})
+
+
 def run_clip(profile=None, out=None, seed: int = 0, progress: bool = False):
     """The contrastive CLIP-style baseline (Table 1, CLIP rows): a dual encoder trained on the base model's
-    pretraining data (``clip_baseline``), preset ``profile.eval["clip"]``; resumes, a finished run is reused.
-    Micro world only (on real data use a real CLIP/SigLIP). Returns (model, folder)."""
-    from .clip_baseline import clip_config, train_clip
+    pretraining data (``clip_baseline``), preset ``profile.eval["clip"]``; resumes, a finished run is reused
+    (another config is a new run: the folder is keyed like the others). Micro world only (on real data use a
+    real CLIP/SigLIP). Returns (model, folder)."""
+    from dataclasses import asdict
+
+    from .clip_baseline import train_clip
     from .world import World
 
     profile = get_profile(profile)
     if profile.world != "micro":
         raise ValueError("the CLIP-style baseline is trained on the micro world's pretraining data; on real "
                          "data compare with a released CLIP/SigLIP instead")
-    cfg = dict(profile.eval.get("clip", {"preset": "cpu"}))
-    folder = _run_dir(profile, out) / f"clip-seed{seed}"
+    cfg = _clip_config(profile, seed)
+    folder, _ = claim_run_folder(_run_dir(profile, out) / f"clip-seed{seed}", _clip_key(profile, seed),
+                                 {"stage": "clip", "config": asdict(cfg)})
     world = World(profile.world_seed, profile.image_size, profile.n_genera)
-    model, _ = train_clip(world, clip_config(cfg.pop("preset"), seed=seed, **cfg), folder, progress=progress)
+    model, _ = train_clip(world, cfg, folder, progress=progress)
     return model, folder
 
 
@@ -345,20 +479,38 @@ def _method_key(method: str) -> tuple[str, bool]:
     return METHODS.get(method, (method, False))
 
 
-def _eval_cache(profile: Profile, out, seed: int, method: str) -> Path:
-    """Where ``evaluate_method`` caches a method's evaluation (next to the model it evaluates)."""
-    key, think = _method_key(method)
+def method_key(profile=None, out=None, seed: int = 0, method: str = "zero-shot") -> str:
+    """The key of the model a method evaluates (base model, SFT / TAPO run, CLIP-style run)."""
+    profile = get_profile(profile)
+    key, _ = _method_key(method)
     if key == "base":
-        folder = get_benchmark(profile, out, seed).root
-        return folder / ("eval-zero-shot-step-by-step.csv" if think else "eval-zero-shot.csv")
+        return base_model_key(profile)
     if key == "clip":
-        return _run_dir(profile, out) / f"clip-seed{seed}" / "eval.csv"
+        return _clip_key(profile, seed)
     if key.startswith("sft-"):
-        return _run_dir(profile, out) / f"sft-{key[4:]}-seed{seed}" / "eval.csv"
-    if not key.startswith("tapo-"):
-        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)} or 'tapo-<variant>'")
+        return sft_key(profile, out, seed, key[4:])
+    if key.startswith("tapo-"):
+        variant, n1, n2 = _tapo_key(key)
+        return tapo_key(profile, out, seed, variant, n1, n2)
+    raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)} or 'tapo-<variant>'")
+
+
+def _eval_cache(profile: Profile, out, seed: int, method: str) -> Path:
+    """Where ``evaluate_method`` caches a method's evaluation: next to the model it evaluates, named by a hash
+    of the model's key, the prompt and the evaluation settings (another model or setting: another file)."""
+    key, think = _method_key(method)
+    bench = get_benchmark(profile, out, seed)
+    settings = {k: v for k, v in profile.eval.items() if k in ("max_new_tokens", "batch_size")}
+    name = digest({"model": method_key(profile, out, seed, method), "think": think, "eval": settings,
+                   "bench": bench_key(bench)}, 12)
+    if key == "base":
+        return bench.root / f"eval-zero-shot{'-step-by-step' if think else ''}-{name}.csv"
+    if key == "clip":
+        return _run_dir(profile, out) / f"clip-seed{seed}" / f"eval-{name}.csv"
+    if key.startswith("sft-"):
+        return _run_dir(profile, out) / f"sft-{key[4:]}-seed{seed}" / f"eval-{name}.csv"
     variant, n1, n2 = _tapo_key(key)
-    return _run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2) / "eval.csv"
+    return _run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2) / f"eval-{name}.csv"
 
 
 def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-shot", progress: bool = False,
@@ -373,7 +525,7 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
     profile = get_profile(profile)
     key, think = _method_key(method)
     cache = _eval_cache(profile, out, seed, method)
-    if cache.is_file() and not force:
+    if cache.is_file() and not force and _folder_holds(cache.parent, method, profile, out, seed):
         return pd.read_csv(cache, keep_default_na=False, dtype={"output": str, "prediction": str},
                            converters={"SS": lambda v: float(v) if v != "" else float("nan")})
     if key == "clip":
@@ -384,11 +536,21 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
         df = closed_world_eval(clip, bench.eval_rows, bench.image)
         atomic_write_text(cache, df.to_csv(index=False))
         return df
-    model, processor, _ = method_model(profile, out, seed, method, progress=progress)
+    model, processor, _ = method_model(profile, out, seed, method, progress=progress)  # claims the folder
     df = evaluate_model(model, processor, get_benchmark(profile, out, seed), profile,
                         think_step_by_step=think, progress=progress)
     atomic_write_text(cache, df.to_csv(index=False))
     return df
+
+
+def _folder_holds(folder: Path, method: str, profile: Profile, out, seed: int) -> bool:
+    """Whether a run folder holds the run an evaluation cache belongs to (the benchmark folder always does:
+    its file names carry the base model's key)."""
+    key, _ = _method_key(method)
+    if key == "base":
+        return True
+    info = read_run_info(folder)
+    return info is not None and info["key"] == method_key(profile, out, seed, method)
 
 
 def evaluate_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS), progress: bool = False
@@ -401,8 +563,12 @@ def evaluate_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS),
     from .parallel import run_parallel, workers_for
 
     profile = get_profile(profile)
-    todo = {(s, m): dict(profile=profile, out=out, seed=s, method=m) for s in seeds for m in methods
-            if not _eval_cache(profile, out, s, m).is_file()}
+    todo = {}
+    for s in seeds:
+        for m in methods:
+            cache = _eval_cache(profile, out, s, m)
+            if not (cache.is_file() and _folder_holds(cache.parent, m, profile, out, s)):
+                todo[s, m] = dict(profile=profile, out=out, seed=s, method=m)
     if workers_for(len(todo)) > 1:
         for seed in sorted({s for s, _ in todo}):
             keys = [_method_key(m)[0] for s, m in todo if s == seed]

@@ -21,15 +21,16 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from .chat import ChatExample, collate, encode_example
 from .io import atomic_write_text, write_json
+from .config import SFT_OPTIONAL, check_keys
 from .model import clean_tmp, is_4bit_lora, save_model
+from .profiles import SFT_BASE
 
 __all__ = ["EncodedDataset", "examples_from_samples", "replay_examples", "train_sft", "SFT_DEFAULTS",
            "checkpoint_is_complete", "last_complete_checkpoint"]
 
-#: CPU-sized defaults; profiles override them (``profile.sft``).
-SFT_DEFAULTS = dict(epochs=15, batch_size=8, grad_accum=1, lr=3e-4, warmup_frac=0.05, weight_decay=0.1,
-                    lr_scheduler="cosine", max_grad_norm=1.0, bf16=False, save_every_epochs=5, seed=0,
-                    replay=0.0, logging_steps=5)
+#: The settings train_sft reads where ``cfg`` leaves them out: the profiles' base (``profiles.SFT_BASE``, the one
+#: place they are set), plus the optional ones (max_steps, lora, gradient_checkpointing: off).
+SFT_DEFAULTS = {**SFT_BASE, **SFT_OPTIONAL}
 
 
 class EncodedDataset(Dataset):
@@ -191,7 +192,15 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
     the loss log goes to ``out/sft_log.csv``. A QLoRA model (4-bit base) saves its adapter in ``out/adapter``;
     ``save=False`` skips the final save (benchmarks).
     """
-    cfg = {**SFT_DEFAULTS, **(cfg or {})}
+    cfg = dict(cfg or {})
+    if max_steps is None:
+        max_steps = cfg.get("max_steps")
+    cfg.pop("max_steps", None)  # a keyword of its own (kept in the summary and the settings)
+    check_keys("sft", cfg, "train_sft cfg")  # a misspelled key is an error naming it
+    cfg = {**SFT_DEFAULTS, **cfg}
+    cfg.pop("max_steps", None)
+    if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     out = Path(out)
     dataset = EncodedDataset(processor, examples)
     steps_per_epoch = math.ceil(len(dataset) / (cfg["batch_size"] * cfg["grad_accum"]))

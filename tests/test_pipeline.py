@@ -72,7 +72,7 @@ def test_cot_then_sft_from_known_concepts(profile, tmp_path):
     assert len((folder / "tapo_log.csv").read_text().splitlines()) == 2  # header + one step
     assert pipeline.run_tapo(tapo_profile, tmp_path, 0, "dapo", progress=False)["reused"]
     df = pipeline.evaluate_method(tapo_profile, tmp_path, 0, "CoT SFT + DAPO")
-    assert (folder / "eval.csv").is_file() and set(df["mode"]) == {"closed", "open"}
+    assert len(list(folder.glob("eval-*.csv"))) == 1 and set(df["mode"]) == {"closed", "open"}
     cached = pipeline.evaluate_method(tapo_profile, tmp_path, 0, "CoT SFT + DAPO")
     assert cached[["correct", "prediction"]].equals(df[["correct", "prediction"]])
 
@@ -109,19 +109,20 @@ def test_mean_std_over_seeds():
 
 def test_cli_pretrain_smoke_runs_and_resumes(tmp_path, capsys):
     """`python -m finer1_lib pretrain --profile smoke` (CI-sized): writes model, log, manifest."""
-    assert main(["pretrain", "--profile", "smoke", "--out", str(tmp_path), "--steps", "6"]) == 0
+    assert main(["pretrain", "--profile", "smoke", "--out", str(tmp_path), "--steps", "3"]) == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["steps"] == 6 and manifest["profile"] == "smoke"
+    assert manifest["steps"] == 3 * len(manifest["stages"]) and manifest["profile"] == "smoke"
     assert (tmp_path / "model" / "model.safetensors").is_file()
-    rows = (tmp_path / "pretrain_log.csv").read_text().splitlines()
-    assert rows[0].startswith("step,loss") and rows[-1].startswith("6,")
+    for stage in manifest["stages"]:  # one log per stage (finer1_lib.pretrain.STAGES)
+        rows = (tmp_path / stage / "log.csv").read_text().splitlines()
+        assert rows[0].startswith("step,loss") and rows[-1].startswith("3,")
 
 
 def test_clip_baseline_and_analysis_glue(profile, tmp_path):
     """The CLIP-style row of the evaluation and the H1-H3 analysis, through the run folder (tiny sizes)."""
     df = pipeline.evaluate_method(profile, tmp_path, 0, "CLIP-style dual encoder")
     bench = pipeline.get_benchmark(profile, tmp_path, 0)
-    assert (tmp_path / "clip-seed0" / "eval.csv").is_file() and set(df["mode"]) == {"closed"}
+    assert list((tmp_path / "clip-seed0").glob("eval-*.csv")) and set(df["mode"]) == {"closed"}
     assert len(df) == len(bench.eval_rows) and df["correct"].isin([0, 1]).all()
 
     with pytest.raises(ValueError, match="compares two methods"):
