@@ -69,16 +69,26 @@ class Profile:
         return path
 
 
-# Pretraining mixture (issue "base model"): shares of each task in a batch.
-#   caption: image -> all attributes; attribute: image -> one attribute; super: image -> super-category;
-#   knowledge: name -> field guide and field guide -> name (text only, ALL species);
-#   naming: image -> species name, only from `naming_images` fixed images per species;
-#   reasoning: text-only structured reasoning over the field guide (Table 5 format).
-PRETRAIN_MIXTURE = dict(caption=0.38, attribute=0.17, super=0.03, knowledge=0.22, naming=0.07, reasoning=0.13)
+# Pretraining (finer1_lib.pretrain): four stages, as real MLLMs are built. `train` maps the parameter groups
+# that learn in a stage (vision tower, merger, language model) to a learning-rate scale; the rest is frozen.
+# Mixture tasks: caption / attribute / super / choice (image), knowledge / reasoning (text), naming (rare).
+_PRETRAIN_STAGES = dict(
+    vision=dict(steps=1000, batch_size=64, lr=1e-3, min_lr=5e-5, warmup=50, p_full=0.4),
+    text=dict(steps=800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=100, train=dict(language=1.0),
+              mixture=dict(knowledge=0.6, reasoning=0.4)),
+    align=dict(steps=400, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=50, train=dict(merger=1.0, language=0.1),
+               mixture=dict(caption=0.6, attribute=0.3, super=0.1)),
+    instruct=dict(steps=2500, batch_size=16, lr=5e-4, min_lr=5e-5, warmup=100,
+                  train=dict(merger=1.0, language=1.0),
+                  mixture=dict(caption=0.18, attribute=0.1, super=0.02, choice=0.22, knowledge=0.2, naming=0.06,
+                               reasoning=0.22)),
+)
+PRETRAIN_MIXTURE = _PRETRAIN_STAGES["instruct"]["mixture"]
 
-_CPU_PRETRAIN = dict(steps=6000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup=200, weight_decay=0.01,
-                     mixture=PRETRAIN_MIXTURE, naming_images=2, checkpoint_every=250, seed=0,
+_CPU_PRETRAIN = dict(stages=_PRETRAIN_STAGES, weight_decay=0.01, naming_images=2, checkpoint_every=250, seed=0,
                      max_tokens_per_chunk=2048)
+_SMOKE_PRETRAIN = dict(_CPU_PRETRAIN, checkpoint_every=10,
+                       stages={k: dict(v, steps=5, batch_size=4, warmup=1) for k, v in _PRETRAIN_STAGES.items()})
 
 # Concept extraction and CoT construction. per_class: few-shot images per seen class that get a rationale
 # (the paper: about one per class; the tiny model gets all four shots, a stated deviation: it needs more data).
@@ -112,7 +122,7 @@ PROFILES: dict[str, Profile] = {
                    eval=dict(max_new_tokens=160, batch_size=32, seeds=(0,), clip=dict(preset="cpu"))),
     "smoke": Profile(name="smoke", test_per_class=2, rl_per_class=2, reference_per_class=2,
                      figures_in_repo=False,
-                     pretrain=dict(_CPU_PRETRAIN, steps=20, batch_size=4, warmup=5, checkpoint_every=10),
+                     pretrain=_SMOKE_PRETRAIN,
                      concepts=dict(_CPU_CONCEPTS, per_class=1, samples_per_prompt=1), cot=_CPU_COT,
                      sft=dict(_CPU_SFT, epochs=3),
                      tapo=dict(_CPU_TAPO, steps=2, prompts_per_step=2, max_new_tokens=96, max_retries=2,

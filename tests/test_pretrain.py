@@ -149,13 +149,59 @@ def test_cosine_lr():
     assert not math.isnan(cosine_lr(3, 3, lr, min_lr, 3))
 
 
-# ----------------------------------------------------------------------------------------- end to end
+# ----------------------------------------------------------------------------------------- choice task
 
 
-def _profile(steps=5):
+def test_choice_task_offers_four_options_never_species(world):
+    from finer1_lib.prompts import parse_response
+
+    rng = random.Random(5)
+    names = set(world.by_name)
+    for _ in range(60):
+        ex = make_example(world, "choice", rng)
+        assert ex.image is not None and ex.prompt.startswith("Given the question: ")
+        options = eval(ex.prompt.split("based on the options provided in ")[1].split(", output the thinking")[0])
+        answer = parse_response(ex.response)["answer"]
+        assert 2 <= len(options) <= 4 and len(set(options)) == len(options)
+        assert answer in options
+        assert not names & set(options), options  # species naming stays rare: never offered as a choice
+
+
+def test_choice_answers_are_spread_over_positions(world):
+    rng = random.Random(6)
+    positions = Counter()
+    for _ in range(300):
+        ex = make_example(world, "choice", rng)
+        options = eval(ex.prompt.split("based on the options provided in ")[1].split(", output the thinking")[0])
+        positions[options.index(ex.response.split("<answer>")[1].split("</answer>")[0])] += 1
+    assert min(positions[k] for k in range(4)) > 40, positions
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+
+def test_parameter_groups_cover_the_model_once():
+    from finer1_lib.model import build_processor, build_tiny_model, build_tokenizer
+    from finer1_lib.pretrain import parameter_groups, pretrain_corpus
+
+    tok = build_tokenizer(pretrain_corpus(World(0)))
+    model = build_tiny_model(tok, "tiny-3m")
+    groups = parameter_groups(model)
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups["merger"] and groups["vision"] and groups["language"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("merger" in names[id(p)] for p in groups["merger"])
+    assert all("visual" in names[id(p)] and "merger" not in names[id(p)] for p in groups["vision"])
+    assert all("visual" not in names[id(p)] for p in groups["language"])
+    assert build_processor(tok).tokenizer.unk_token_id not in tok("Which genus does this bird belong to?")["input_ids"]
+
+
+def _profile(steps=4):
     smoke = profiles.PROFILES["smoke"]
+    stages = {k: dict(v, steps=steps, batch_size=3, warmup=1) for k, v in smoke.pretrain["stages"].items()}
     return smoke.replace(name="smoke", tiny_size="tiny-3m",
-                         pretrain=dict(smoke.pretrain, steps=steps, batch_size=3, warmup=1, checkpoint_every=2))
+                         pretrain=dict(smoke.pretrain, stages=stages, checkpoint_every=2))
 
 
 def _weights(folder):
@@ -163,12 +209,12 @@ def _weights(folder):
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _interrupt_at(monkeypatch, at_step):
+def _interrupt_at(monkeypatch, at_stage, at_step):
     real = pt.pretrain_batch
 
     def batch(world, step, *args, **kwargs):
-        if step == at_step:
-            raise KeyboardInterrupt(f"simulated interruption before step {step}")
+        if step == at_step and args[-1] == at_stage:
+            raise KeyboardInterrupt(f"simulated interruption before step {step} of {at_stage}")
         return real(world, step, *args, **kwargs)
 
     monkeypatch.setattr(pt, "pretrain_batch", batch)
@@ -177,27 +223,44 @@ def _interrupt_at(monkeypatch, at_step):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "a"
-    final = pretrain(_profile(), out, steps=5, log_every=1, progress=False)
+    final = pretrain(_profile(), out, log_every=1, progress=False)
     return out, final
 
 
-def test_pretrain_writes_model_log_and_manifest(uninterrupted):
+def test_pretrain_writes_every_stage_model_log_and_manifest(uninterrupted):
     out, final = uninterrupted
     assert final == out / "model" and (final / "config.json").is_file()
-    assert (out / "checkpoint" / "trainer_state.pt").is_file()
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 5
-    log = read_log(out / "pretrain_log.csv")
-    assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5]
-    assert all(math.isfinite(float(r["loss"])) for r in log)
-    assert set(log[0]) == {"step", "loss", "lr", "seconds"} | {f"loss_{t}" for t in TASKS}
     manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["stages"]) == list(pt.STAGES)
+    for stage in pt.STAGES:
+        state = torch.load(out / stage / "checkpoint" / "trainer_state.pt", weights_only=True)
+        assert state["step"] == 4
+        log = read_log(out / stage / "log.csv")
+        assert [int(r["step"]) for r in log] == [1, 2, 3, 4]
+        assert all(math.isfinite(float(r["loss"])) for r in log)
+        assert (out / stage / "model" / "config.json").is_file()
+        assert json.loads((out / stage / "done.json").read_text())["steps"] == 4
+    assert set(read_log(out / "instruct" / "log.csv")[0]) == {"step", "loss", "lr", "seconds"} | {
+        f"loss_{t}" for t in PRETRAIN_MIXTURE}
+    assert {"loss_siglip", "loss_attribute", "t", "b"} <= set(read_log(out / "vision" / "log.csv")[0])
     model, _ = _weights(final)
-    assert manifest["steps"] == 5
-    assert manifest["parameters"] == count_parameters(model)
-    assert manifest["mixture"] == PRETRAIN_MIXTURE
-    assert manifest["tiny_size"] == "tiny-3m" and manifest["batch_size"] == 3
-    assert manifest["profile"] == "smoke" and manifest["naming_images"] == 2
+    assert manifest["steps"] == 16 and manifest["parameters"] == count_parameters(model)
+    assert manifest["stages"]["instruct"]["mixture"] == PRETRAIN_MIXTURE
+    assert manifest["tiny_size"] == "tiny-3m" and manifest["profile"] == "smoke" and manifest["naming_images"] == 2
+
+
+def test_each_stage_trains_only_its_groups(uninterrupted):
+    out, _ = uninterrupted
+    weights = {s: _weights(out / s / "model")[1] for s in pt.STAGES}
+    vis = lambda k: "visual" in k and "merger" not in k  # noqa: E731
+    mer = lambda k: "merger" in k  # noqa: E731
+    lang = lambda k: "visual" not in k  # noqa: E731
+    def changed(a, b, which):
+        return any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a] if which(k))
+    assert not changed("vision", "text", vis) and not changed("vision", "text", mer)  # text: language only
+    assert changed("vision", "text", lang)
+    assert not changed("text", "align", vis) and changed("text", "align", mer) and changed("text", "align", lang)
+    assert not changed("align", "instruct", vis) and changed("align", "instruct", mer)
 
 
 def _assert_same_weights(a, b):
@@ -209,43 +272,115 @@ def _assert_same_weights(a, b):
 def test_resume_after_interruption_at_a_checkpoint(uninterrupted, tmp_path, monkeypatch):
     a_out, a_final = uninterrupted
     b_out = tmp_path / "b"
-    _interrupt_at(monkeypatch, 2)  # right after the step-2 checkpoint
+    _interrupt_at(monkeypatch, "align", 2)  # right after align's step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
-        pretrain(_profile(), b_out, steps=5, log_every=1, progress=False)
+        pretrain(_profile(), b_out, log_every=1, progress=False)
     monkeypatch.undo()
-    assert torch.load(b_out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert torch.load(b_out / "align" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert (b_out / "text" / "done.json").is_file() and not (b_out / "align" / "done.json").exists()
     assert not (b_out / "model").exists() and not (b_out / "manifest.json").exists()
 
-    final = pretrain(_profile(), b_out, steps=5, log_every=1, progress=False)  # resumes at step 2
+    final = pretrain(_profile(), b_out, log_every=1, progress=False)  # resumes align at step 2
     _assert_same_weights(_weights(a_final)[1], _weights(final)[1])
-    a_log, b_log = read_log(a_out / "pretrain_log.csv"), read_log(b_out / "pretrain_log.csv")
-    assert [int(r["step"]) for r in b_log] == [1, 2, 3, 4, 5]
-    assert [r["loss"] for r in b_log] == [r["loss"] for r in a_log]
+    a_log, b_log = read_log(a_out / "align" / "log.csv"), read_log(b_out / "align" / "log.csv")
+    assert [int(r["step"]) for r in b_log] == [1, 2, 3, 4]
     assert [r["lr"] for r in b_log] == [r["lr"] for r in a_log]
-    assert json.loads((b_out / "manifest.json").read_text())["steps"] == 5
+    for ra, rb in zip(a_log, b_log):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), abs=1e-4)
 
 
 def test_resume_after_interruption_between_checkpoints(uninterrupted, tmp_path, monkeypatch):
     _, a_final = uninterrupted
     c_out = tmp_path / "c"
-    _interrupt_at(monkeypatch, 3)  # step 3 done, last checkpoint at step 2
+    _interrupt_at(monkeypatch, "instruct", 3)  # step 3 done, last checkpoint at step 2
     with pytest.raises(KeyboardInterrupt):
-        pretrain(_profile(), c_out, steps=5, log_every=1, progress=False)
+        pretrain(_profile(), c_out, log_every=1, progress=False)
     monkeypatch.undo()
-    assert torch.load(c_out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
-    final = pretrain(_profile(), c_out, steps=5, log_every=1, progress=False)
+    assert torch.load(c_out / "instruct" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    final = pretrain(_profile(), c_out, log_every=1, progress=False)
     _assert_same_weights(_weights(a_final)[1], _weights(final)[1])
-    steps = [int(r["step"]) for r in read_log(c_out / "pretrain_log.csv")]
-    assert steps == [1, 2, 3, 4, 5]  # rows logged after the last checkpoint are dropped, then redone
+    steps = [int(r["step"]) for r in read_log(c_out / "instruct" / "log.csv")]
+    assert steps == [1, 2, 3, 4]  # rows logged after the last checkpoint are dropped, then redone
+
+
+def test_a_half_written_checkpoint_is_skipped(uninterrupted, tmp_path, monkeypatch):
+    """A kill while the next checkpoint is written leaves the previous one intact; the rerun resumes from it."""
+    import shutil
+
+    _, a_final = uninterrupted
+    d_out = tmp_path / "d"
+    real = pt._save_checkpoint
+
+    def dying(folder, model, processor, state, extra=None):
+        if folder.name == "text" and state["step"] == 4:  # cut while writing the step-4 checkpoint
+            shutil.copytree(folder / "checkpoint", folder / ".checkpoint.new")
+            (folder / ".checkpoint.new" / "trainer_state.pt").unlink()
+            raise KeyboardInterrupt("killed mid-write")
+        return real(folder, model, processor, state, extra)
+
+    monkeypatch.setattr(pt, "_save_checkpoint", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_profile(), d_out, log_every=1, progress=False)
+    monkeypatch.undo()
+    assert torch.load(d_out / "text" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    final = pretrain(_profile(), d_out, log_every=1, progress=False)
+    assert not (d_out / "text" / ".checkpoint.new").exists()
+    _assert_same_weights(_weights(a_final)[1], _weights(final)[1])
 
 
 def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
     out, final = uninterrupted
     before = _weights(final)[1]
-    n_rows = len(read_log(out / "pretrain_log.csv"))
-    again = pretrain(_profile(), out, steps=5, log_every=1, progress=False)
+    n_rows = len(read_log(out / "instruct" / "log.csv"))
+    again = pretrain(_profile(), out, log_every=1, progress=False)
     _assert_same_weights(before, _weights(again)[1])
-    assert len(read_log(out / "pretrain_log.csv")) == n_rows
+    assert len(read_log(out / "instruct" / "log.csv")) == n_rows
+
+
+def test_a_changed_stage_setting_reruns_that_stage_and_the_later_ones(uninterrupted, tmp_path):
+    import shutil
+
+    out, _ = uninterrupted
+    e_out = tmp_path / "e"
+    shutil.copytree(out, e_out)
+    profile = _profile()
+    stages = dict(profile.pretrain["stages"])
+    stages["align"] = dict(stages["align"], lr=stages["align"]["lr"] / 2)
+    changed = profile.replace(pretrain=dict(profile.pretrain, stages=stages))
+    before = {s: (e_out / s / "done.json").read_text() for s in pt.STAGES}
+    pretrain(changed, e_out, log_every=1, progress=False)
+    after = {s: (e_out / s / "done.json").read_text() for s in pt.STAGES}
+    assert before["vision"] == after["vision"] and before["text"] == after["text"]
+    assert before["align"] != after["align"] and before["instruct"] != after["instruct"]
+    assert json.loads(after["align"])["lr"] == stages["align"]["lr"]
+
+
+@pytest.mark.parametrize("steps", [0, -5, 2.5, True])
+def test_bad_step_counts_are_errors(tmp_path, steps):
+    with pytest.raises(ValueError, match="--steps must be a positive integer"):
+        pretrain(_profile(), tmp_path, steps=steps, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_tampered_training_state_is_refused(uninterrupted, tmp_path):
+    import pickle
+    import shutil
+
+    out, _ = uninterrupted
+    f_out = tmp_path / "f"
+    shutil.copytree(out, f_out)
+    for stage in ("text", "align", "instruct"):
+        shutil.rmtree(f_out / stage / "model")
+        (f_out / stage / "done.json").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (f_out / "text" / "checkpoint" / "trainer_state.pt").write_bytes(pickle.dumps({"step": Evil()}))
+    with pytest.raises(ValueError, match="cannot read the training state .*trainer_state.pt"):
+        pretrain(_profile(), f_out, log_every=1, progress=False)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_pretrain_without_settings_is_an_error(tmp_path):
