@@ -245,9 +245,14 @@ def _check_out(out: str) -> None:
                               f"pass a writable folder") from None
 
 
+#: Errors that mean a bad input (file, setting, folder): one line on stderr and exit code 2. ValueError covers
+#: the library's own types (config.ConfigError, io.DataError, profiles.ProfileError, model.CorruptModelError).
+_BAD_INPUT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
+              UnicodeDecodeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import parse_sets, with_overrides
-    from .model import CorruptModelError
 
     args = build_parser().parse_args(argv)
     try:
@@ -261,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted (Ctrl-C): finished checkpoints and files are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
-            CorruptModelError, UnicodeDecodeError) as err:
+    except _BAD_INPUT as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a worker process's bad input comes back wrapped (parallel.run_parallel)
+        if isinstance(err.__cause__, _BAD_INPUT):
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        raise

@@ -110,3 +110,20 @@ def test_an_unknown_setting_on_the_command_line(tmp_path, capsys):
     assert main(["cot", "--profile", "smoke", "--out", str(tmp_path), "--set", "p_wrng=0.1"]) == 2
     _one_error_line(capsys, "unknown cot setting 'p_wrng'", "valid cot settings:", "p_wrong")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_bad_input_in_a_worker_process_is_one_line_too(tmp_path, capsys, monkeypatch):
+    def failed(args):
+        raise RuntimeError("evaluate_method failed for job (0, 'zero-shot'): ValueError: x.jsonl:3: not valid JSON") \
+            from ValueError("x.jsonl:3: not valid JSON")
+
+    monkeypatch.setitem(cli.STAGES, "world", (cli.STAGES["world"][0], failed))
+    assert main(["world", "--profile", "smoke", "--out", str(tmp_path)]) == 2
+    _one_error_line(capsys, "x.jsonl:3: not valid JSON")
+
+    def bug(args):
+        raise RuntimeError("a bug, not a bad input")
+
+    monkeypatch.setitem(cli.STAGES, "world", (cli.STAGES["world"][0], bug))
+    with pytest.raises(RuntimeError, match="a bug"):  # a real bug keeps its traceback
+        main(["world", "--profile", "smoke", "--out", str(tmp_path)])
