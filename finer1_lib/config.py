@@ -24,7 +24,7 @@ from typing import Any, Callable
 from .io import write_json
 
 __all__ = ["ConfigError", "STAGES", "stage_keys", "stage_config", "parse_sets", "with_overrides", "run_key",
-           "digest", "file_digest", "claim_run_folder", "read_run_info", "check_keys"]
+           "digest", "file_digest", "claim_run_folder", "read_run_info", "check_keys", "discard_run"]
 
 
 class ConfigError(ValueError):
@@ -201,3 +201,14 @@ def claim_run_folder(folder: str | os.PathLike, key: str, info: dict,
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / RUN_INFO, {**info, "key": key})
     return folder, back
+
+
+def discard_run(folder: str | os.PathLike, key: str) -> None:
+    """Start the run of ``key`` over (``fresh=True``): remove it from ``folder`` (and a folder without a key)
+    and from ``.by-key/``; a run of another key in ``folder`` is kept (:func:`claim_run_folder` parks it)."""
+    folder = Path(folder)
+    parked = folder.parent / ".by-key" / f"{folder.name}@{key}"
+    if parked.exists():
+        shutil.rmtree(parked)
+    if folder.exists() and (read_run_info(folder) or {"key": key})["key"] == key:
+        shutil.rmtree(folder)

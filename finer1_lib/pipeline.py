@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .benchmark import Benchmark, build_benchmark, load_benchmark
-from .config import claim_run_folder, digest, file_digest, read_run_info, run_key, stage_config
+from .config import claim_run_folder, digest, discard_run, file_digest, read_run_info, run_key, stage_config
 from .io import write_json
 from .profiles import Profile, current_run_dir, get_profile
 
@@ -227,7 +227,6 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     interrupted; other settings, another base model or another SFT set are a new run (the previous one is
     parked in ``.by-key/``). ``fresh=True`` starts over. Returns the summary with ``model`` and ``key``."""
     import json
-    import shutil
 
     from .sft import examples_from_samples, replay_examples, train_sft
     from .world import World
@@ -238,8 +237,8 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     cfg = sft_config(profile, seed, **overrides)
     key = sft_key(profile, out, seed, data, **overrides)
     folder = _run_dir(profile, out) / f"sft-{data}-seed{seed}"
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
+    if fresh:
+        discard_run(folder, key)
     folder, same = claim_run_folder(folder, key, {"stage": "sft", "data": data, "config": cfg})
     done = folder / "sft.json"
     if same and done.is_file() and (folder / "model").is_dir():  # finished: not redone
@@ -380,7 +379,6 @@ def run_tapo(profile=None, out=None, seed: int = 0, variant: str = "tapo", progr
     is reused when finished and resumed when interrupted; another key is a new run (the previous one is
     parked in ``.by-key/``). ``fresh=True`` starts over. Returns the summary with ``model`` and ``key``."""
     import json
-    import shutil
 
     from .model import load_model
     from .tapo import TapoTrainer
@@ -391,8 +389,8 @@ def run_tapo(profile=None, out=None, seed: int = 0, variant: str = "tapo", progr
     cfg = tapo_config(profile, seed, variant, n_triplets=len(bench.triplets), **ratio, **overrides)
     key = tapo_key(profile, out, seed, variant, n1, n2, **overrides)
     folder = _run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2)
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
+    if fresh:
+        discard_run(folder, key)
     folder, same = claim_run_folder(folder, key, {"stage": "tapo", "variant": variant, "config": cfg.to_dict()})
     done = folder / "tapo.json"
     if same and done.is_file() and (folder / "model").is_dir():

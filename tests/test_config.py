@@ -80,6 +80,13 @@ def test_claim_run_folder_parks_and_brings_back(tmp_path):
     assert (tmp_path / ".by-key" / "sft-cot-seed0@aaa" / "weights").read_text() == "A"
     f, same = claim_run_folder(folder, "aaa", {})                          # back to the first: it comes back
     assert same and (f / "weights").read_text() == "A"
+    from finer1_lib.config import discard_run
+
+    claim_run_folder(folder, "bbb", {})                                    # park aaa again, then start aaa over:
+    discard_run(folder, "aaa")                                             # fresh=True drops the parked copy too
+    f, same = claim_run_folder(folder, "aaa", {})
+    assert not same and not (f / "weights").exists()
+    assert read_run_info(tmp_path / ".by-key" / "sft-cot-seed0@bbb")["key"] == "bbb"   # another key's run: kept
     (tmp_path / "old-run").mkdir()                                         # a folder from before run keys
     claim_run_folder(tmp_path / "old-run", "ccc", {})
     assert (tmp_path / ".by-key" / "old-run@unkeyed").is_dir()
@@ -170,3 +177,4 @@ def test_another_tapo_setting_is_a_new_run_and_evaluations_follow_the_model(prof
     assert pipeline.evaluate_method(profile, tmp_path, 0, "CoT SFT + DAPO") is not None  # runs A back, evaluates
     assert read_run_info(folder)["key"] == a["key"] and p_a.is_file()
     assert (tmp_path / ".by-key" / f"tapo-dapo-seed0@{b['key']}" / p_b.name).is_file()  # B's eval went with B
+
