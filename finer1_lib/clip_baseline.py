@@ -433,6 +433,8 @@ def train_clip(world: World, cfg: ClipConfig | None = None, out_dir: str | Path 
     start, elapsed, rows = 0, 0.0, []
     if out:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in out.glob(".*.tmp"):  # an atomic write cut by a kill (the real file is intact)
+            leftover.unlink(missing_ok=True)
         if ckpt_path.is_file():
             state = _load_torch(ckpt_path, "CLIP checkpoint")
             _check_same_run(state, cfg, world, out)

@@ -245,6 +245,7 @@ def test_same_seed_same_weights_and_resume_equivalence(small_world, tmp_path):
     partial, partial_log = _tiny_run(small_world, out, stop_at=3)  # "interrupted" after step 3 (checkpointed)
     assert list(partial_log["step"]) == [1, 2, 3] and not (out / "clip.pt").exists()
     assert (out / "checkpoint.pt").is_file()
+    (out / ".checkpoint.pt.a1b2.tmp").write_bytes(b"half")  # a kill during an atomic write leaves this
     resumed, log = _tiny_run(small_world, out)
     _assert_same(ref.state_dict(), resumed.state_dict())
     assert list(log["step"]) == list(range(1, 7))
