@@ -3,7 +3,8 @@
 - :func:`generate` samples (or greedily decodes) completions and can return each generated token's log-prob
   under the model (log-softmax of the raw logits, i.e. temperature 1) plus the token ids.
 - :func:`rescore` recomputes those log-probs for given completions under any image (anchor, positive,
-  negative), optionally with gradients: the building block of SFT losses and TAPO.
+  negative), optionally with gradients: the building block of SFT losses and TAPO. Rows that share a prompt
+  (a TAPO group: one image + question, ten responses) encode it once and reuse its KV cache.
 - :func:`token_kl_k3` is Schulman's k3 estimator used by TAPO's inter-class term (paper Eq. 3).
 """
 from __future__ import annotations

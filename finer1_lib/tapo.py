@@ -46,7 +46,9 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 import random
+import shutil
 import time
 import warnings
 import zlib
@@ -58,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .inference import generate, rescore, token_kl_k3
-from .io import atomic_write_text, write_json
+from .io import DataError, atomic_write_text, write_json
 from .metrics import accuracy_reward, reward
 from .model import load_model, save_model
 from .prompts import tapo_prompt
@@ -85,12 +87,18 @@ LOG_COLUMNS = ["step", "reward", "accuracy", "accuracy_anchor", "kl", "entropy",
                "skipped", "seconds", "t_generate", "t_rescore", "t_update"]
 
 
+def _cpu_tapo(key: str):
+    from .profiles import PROFILES
+
+    return PROFILES["cpu"].tapo[key]
+
+
 @dataclass
 class TapoConfig:
     """Hyper-parameters of TAPO; defaults are the paper's / official ones unless noted.
 
-    lr: 3e-5 for the tiny CPU model (official 1e-6 for Qwen2.5-VL-3B/7B): a few hundred steps must move a
-    model that SFT trained at 3e-4; profiles and notebooks override it.
+    lr, steps: the cpu profile's (``profiles.PROFILES["cpu"].tapo``, the one place they are set: 5e-5 and 16
+    steps for the tiny model; official lr 1e-6 for Qwen2.5-VL-3B/7B); the other profiles override them.
     top_p: 1.0 here (official 0.99; a near no-op, kept configurable).
     updates_per_batch: optimizer steps per rollout batch; the kept groups are split into that many
     minibatches, one pass (official: rollout batch 384 / global batch 128 = 3 updates, ppo_epochs 1), with
@@ -115,7 +123,7 @@ class TapoConfig:
     top_p: float = 1.0
     max_new_tokens: int = 160
     # optimisation
-    lr: float = 3e-5
+    lr: float = field(default_factory=lambda: _cpu_tapo("lr"))
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     prompts_per_step: int = 8        # groups per rollout batch
@@ -127,7 +135,7 @@ class TapoConfig:
     filter_high: float = 0.99
     max_retries: int = 20
     # run
-    steps: int = 100
+    steps: int = field(default_factory=lambda: _cpu_tapo("steps"))
     seed: int = 0
     checkpoint_every: int = 10
     generate_batch_size: int = 64
@@ -634,21 +642,50 @@ class TapoTrainer:
         return self.out / "checkpoint"
 
     def save_checkpoint(self, step: int) -> None:
+        """Model + trainer state to ``out/checkpoint``, never losing the previous checkpoint on the way: both are
+        written to ``.checkpoint.new``, the old folder is moved to ``.checkpoint.old`` and the new one renamed
+        into place; only then is the old one deleted (``load_checkpoint`` finishes an interrupted swap)."""
         ckpt = self._ckpt()
-        save_model(self.model, self.processor, ckpt)
+        new, old = _ckpt_aside(ckpt, "new"), _ckpt_aside(ckpt, "old")
+        _recover_checkpoint(ckpt)
+        shutil.rmtree(new, ignore_errors=True)
+        save_model(self.model, self.processor, new)
         state = {"step": step, "cursor": self.cursor, "elapsed": self.elapsed, "optimizer": self.opt.state_dict(),
                  "torch_rng": torch.get_rng_state(), "cfg": self.cfg.to_dict()}
         if hasattr(self.model, "peft_config"):  # LoRA: the folder holds the merged model; keep the adapter too
             state["trainable"] = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-        torch.save(state, ckpt / "tmp_state.pt")
-        (ckpt / "tmp_state.pt").replace(ckpt / "trainer_state.pt")
+        torch.save(state, new / "tmp_state.pt")
+        (new / "tmp_state.pt").replace(new / _STATE)  # the state file last: its presence marks a complete folder
+        if ckpt.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(ckpt, old)
+        os.replace(new, ckpt)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
-        """Restore weights, optimizer, step, cursor and RNG from ``out/checkpoint``; False when there is none."""
-        path = self._ckpt() / "trainer_state.pt" if self.out else None
-        if path is None or not path.is_file():
+        """Restore weights, optimizer, step, cursor and RNG from ``out/checkpoint``; False when there is none.
+
+        An interrupted save is finished first (the newest complete folder is put in place). The state is read
+        with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists, dicts): a file that holds
+        anything else is refused with a DataError naming it; a truncated (half-written) one is skipped with a
+        warning, falling back to the previous checkpoint if one is complete, else to a fresh start."""
+        if not self.out:
             return False
-        state = torch.load(path, weights_only=False)
+        ckpt = self._ckpt()
+        _recover_checkpoint(ckpt)
+        state = None
+        for folder in (ckpt, _ckpt_aside(ckpt, "old")):
+            path = folder / _STATE
+            if not path.is_file():
+                continue
+            state = _load_state(path)
+            if state is not None:
+                if folder != ckpt:  # the previous checkpoint is the last complete one: put it back in place
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                    os.replace(folder, ckpt)
+                break
+        if state is None:
+            return False
         changed = {k for k, v in state["cfg"].items() if getattr(self.cfg, k, None) != v}
         changed -= {"steps", "checkpoint_every"}  # extending a run is fine
         if changed:
@@ -657,7 +694,7 @@ class TapoTrainer:
         if "trainable" in state:
             self.model.load_state_dict(state["trainable"], strict=False)
         else:
-            self.model.load_state_dict(load_model(self._ckpt())[0].state_dict())
+            self.model.load_state_dict(load_model(ckpt)[0].state_dict())
         self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.start_step, self.cursor, self.elapsed = state["step"], state["cursor"], state["elapsed"]
@@ -707,6 +744,48 @@ class TapoTrainer:
         return summary
 
 
+_STATE = "trainer_state.pt"
+
+
+def _ckpt_aside(ckpt: Path, kind: str) -> Path:
+    """``.checkpoint.new`` (being written) or ``.checkpoint.old`` (the previous one, during the swap)."""
+    return ckpt.with_name(f".{ckpt.name}.{kind}")
+
+
+def _recover_checkpoint(ckpt: Path) -> None:
+    """Finish a checkpoint save that was interrupted: with ``checkpoint`` missing or incomplete, the newest
+    complete folder (``.checkpoint.new``, then ``.checkpoint.old``) takes its place (the next save removes
+    leftovers). A folder is complete when it holds the state file, which a save writes last."""
+    new, old = _ckpt_aside(ckpt, "new"), _ckpt_aside(ckpt, "old")
+    if not (ckpt / _STATE).is_file():
+        for folder in (new, old):
+            if (folder / _STATE).is_file():
+                if ckpt.exists():
+                    shutil.rmtree(ckpt)
+                os.replace(folder, ckpt)
+                warnings.warn(f"{ckpt}: finished an interrupted checkpoint save (from {folder.name})")
+                break
+
+
+def _load_state(path: Path):
+    """The trainer state at ``path`` with ``weights_only=True``; None (and a warning) for a truncated file."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise DataError(f"{path}: refused to load this TAPO trainer state: it holds objects other than "
+                            f"tensors, numbers, strings, lists and dicts, which unpickling could run as code "
+                            f"({str(err).splitlines()[0]}). Delete the checkpoint folder to start over, or "
+                            f"restore it from a copy you trust") from None
+        warnings.warn(f"{path}: unreadable trainer state ({err}); checkpoint skipped")
+    except (RuntimeError, EOFError, OSError) as err:
+        warnings.warn(f"{path}: half-written or damaged trainer state ({str(err).splitlines()[0]}); "
+                      f"checkpoint skipped")
+    return None
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
@@ -719,14 +798,18 @@ def _fmt(v) -> str:
 
 
 def bench_tapo(profile=None, out=None, prompts: int = 4, max_new_tokens: int = 128, repeats: int = 2,
-               seed: int = 0, *, model=None, processor=None, bench=None, **overrides) -> dict:
-    """Seconds per step of TAPO and of DAPO on the same triplets and generation seeds, in one process.
+               seed: int = 0, *, model=None, processor=None, bench=None,
+               variants=("dapo", "tapo", "tapo-eq4"), **overrides) -> dict:
+    """Seconds per step of DAPO, TAPO (default: the official no-grad x_neg) and the literal Eq. 4 (tapo-eq4) on
+    the same triplets and generation seeds, interleaved in one process (a shared machine slows all alike).
 
-    Both start from the same weights each repeat (restored in between); dynamic sampling is off so both do
-    exactly one rollout round; otherwise TapoConfig defaults (2 updates per step, micro-batches of 8); the
-    first TAPO step is a warm-up (excluded).
-    Returns the ratio TAPO / DAPO (target <= 1.3), the per-phase seconds of each, the phase that dominates
-    TAPO and peak memory. ``overrides`` go to both configs (e.g. ``entropy_neg_grad=False``).
+    All start from the same weights each repeat (restored in between); dynamic sampling is off so each does
+    exactly one rollout round; otherwise TapoConfig defaults (2 updates per step, micro-batches of whole
+    groups); one warm-up step of each variant is excluded; the order of the variants rotates every repeat.
+    Returns ``ratio`` (TAPO / DAPO step time, target <= 1.25), ``ratio_tapo_eq4`` (target <= 1.5), the
+    phase seconds of each (generate / rescore / update / step), the same ratios of this process's CPU time
+    (``cpu_time_ratio*``: steadier than wall time on a machine that other jobs share), TAPO's dominant phase
+    and peak memory. ``overrides`` go to every config.
     """
     from .bench import peak_memory_gb
     from .benchmark import build_benchmark
@@ -739,32 +822,48 @@ def bench_tapo(profile=None, out=None, prompts: int = 4, max_new_tokens: int = 1
         model, processor = load_model(profile.model, dtype=profile.load_dtype)
     common = {**dict(prompts_per_step=prompts, max_new_tokens=max_new_tokens, dynamic_sampling=False,
                      generate_batch_size=prompts * 10), **overrides}
-    configs = {"dapo": TapoConfig.variant("dapo", **common), "tapo": TapoConfig.variant("tapo", **common)}
+    configs = {name: TapoConfig.variant(name, **common) for name in variants}
     initial = copy.deepcopy(model.state_dict())
-    phases = ("t_generate", "t_rescore", "t_update", "seconds")
+    phases = {"generate": "t_generate", "rescore": "t_rescore", "update": "t_update", "step": "seconds"}
     totals = {name: {p: 0.0 for p in phases} for name in configs}
+    cpu = {name: 0.0 for name in configs}
+    lengths: dict[str, list[float]] = {name: [] for name in configs}
 
     def run(name, r):
         model.load_state_dict(initial)
         trainer = TapoTrainer(model, processor, bench, dataclasses.replace(configs[name], seed=seed + r))
         return trainer.step(0)
 
-    run("tapo", -1)  # warm-up
-    lengths = {name: [] for name in configs}
+    for name in configs:  # warm-up (first calls allocate and fill caches)
+        run(name, -1)
+    names = list(configs)
     for r in range(repeats):
-        for name in configs:
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            c0 = time.process_time()
             row = run(name, r)
+            cpu[name] += (time.process_time() - c0) / repeats
             lengths[name].append(row["response_len"])
-            for p in phases:
-                totals[name][p] += row[p] / repeats
+            for p, col in phases.items():
+                totals[name][p] += row[col] / repeats
     model.load_state_dict(initial)
-    tapo = totals["tapo"]
-    dominant = max(("t_generate", "t_rescore", "t_update"), key=lambda p: tapo[p])
-    return {"ratio": round(tapo["seconds"] / totals["dapo"]["seconds"], 3), "target": 1.3,
-            "dapo": {p: round(v, 3) for p, v in totals["dapo"].items()},
-            "tapo": {p: round(v, 3) for p, v in tapo.items()},
-            "dominant_phase": dominant, "dominant_share": round(tapo[dominant] / tapo["seconds"], 3),
-            "rollouts_per_step": prompts * 10, "max_new_tokens": max_new_tokens,
-            "mean_response_len": {k: round(float(np.mean(v)), 1) for k, v in lengths.items()},
-            "entropy_neg_grad": configs["tapo"].entropy_neg_grad, "threads": torch.get_num_threads(),
-            "peak_memory_gb": round(peak_memory_gb(), 2)}
+    result = {}
+    base = totals.get("dapo", {}).get("step")
+    for name in configs:
+        if name != "dapo" and base:
+            suffix = "" if name == "tapo" else f"_{name.replace('-', '_')}"
+            result["ratio" + suffix] = round(totals[name]["step"] / base, 3)
+    for name in configs:
+        if name != "dapo" and cpu.get("dapo"):
+            suffix = "" if name == "tapo" else f"_{name.replace('-', '_')}"
+            result["cpu_time_ratio" + suffix] = round(cpu[name] / cpu["dapo"], 3)
+    result.update(target=1.25, target_tapo_eq4=1.5)
+    result["seconds"] = {name: {p: round(v, 3) for p, v in t.items()} for name, t in totals.items()}
+    result["cpu_seconds_per_step"] = {name: round(v, 3) for name, v in cpu.items()}
+    if "tapo" in totals:
+        t = totals["tapo"]
+        dominant = max(("generate", "rescore", "update"), key=lambda p: t[p])
+        result.update(dominant_phase=dominant, dominant_share=round(t[dominant] / t["step"], 3))
+    result.update({"rollouts_per_step": prompts * 10, "max_new_tokens": max_new_tokens, "repeats": repeats,
+                   "mean_response_len": {k: round(float(np.mean(v)), 1) for k, v in lengths.items()},
+                   "threads": torch.get_num_threads(), "peak_memory_gb": round(peak_memory_gb(), 2)})
+    return result

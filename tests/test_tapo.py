@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import csv
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -573,3 +575,104 @@ def test_bf16_autocast_step_keeps_fp32_master_weights(setup):
     assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # lr 1e-6 still moves fp32
+
+
+# ------------------------------------------------------------------------------------ checkpoints (issue 18)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_an_interrupted_checkpoint_save_keeps_the_previous_one(setup, tmp_path, monkeypatch):
+    bench, processor, tokenizer = setup
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, mixed))
+    cfg = TapoConfig(**{**E2E, "steps": 2, "checkpoint_every": 1})
+    out = tmp_path / "run"
+    trainer = TapoTrainer(_model(tokenizer), processor, bench, cfg, out)
+    saved, real_save, real_ckpt = [], torch.save, TapoTrainer.save_checkpoint
+
+    def snapshot_then_save(self, step):
+        saved.append(_snapshot(self.model))
+        return real_ckpt(self, step)
+
+    def dies_half_way(obj, f, *a, **kw):  # the second checkpoint's state: half a file, then the process is killed
+        if len(saved) == 2:
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(TapoTrainer, "save_checkpoint", snapshot_then_save)
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (out / "checkpoint" / "trainer_state.pt").is_file()  # step 1's checkpoint was never touched
+    resumed = TapoTrainer(_model(tokenizer), processor, bench, cfg, out)
+    assert resumed.load_checkpoint() and resumed.start_step == 1 and resumed.cursor == 2
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, saved[0][k], rtol=0, atol=1e-7)
+    # killed between the two renames: checkpoint moved aside, the new one complete next to it -> finished on load
+    summary = TapoTrainer(_model(tokenizer), processor, bench, cfg, out).train(progress=False)
+    assert summary["resumed_from"] == 1 and not (out / ".checkpoint.new").exists()
+    ckpt, old, new = out / "checkpoint", out / ".checkpoint.old", out / ".checkpoint.new"
+    shutil.copytree(ckpt, old)  # (here a copy of the new one: both complete, the new one is taken)
+    ckpt.rename(new)
+    with pytest.warns(UserWarning, match="finished an interrupted checkpoint save"):
+        again = TapoTrainer(_model(tokenizer), processor, bench, cfg, out)
+        assert again.load_checkpoint() and again.start_step == 2
+    assert ckpt.is_dir() and not new.exists()
+
+
+def test_a_truncated_trainer_state_is_skipped(setup, tmp_path, monkeypatch):
+    bench, processor, tokenizer = setup
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, mixed))
+    cfg = TapoConfig(**{**E2E, "steps": 1, "checkpoint_every": 1})
+    out = tmp_path / "run"
+    TapoTrainer(_model(tokenizer), processor, bench, cfg, out).train(progress=False)
+    state = out / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.warns(UserWarning, match="half-written or damaged trainer state"):
+        assert not TapoTrainer(_model(tokenizer), processor, bench, cfg, out).load_checkpoint()
+
+
+class _Payload:
+    """Unpickling this runs code (it creates a file): what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_trainer_state_is_refused(setup, tmp_path, monkeypatch):
+    bench, processor, tokenizer = setup
+    monkeypatch.setattr(tapo, "generate", scripted_generate(bench, mixed))
+    cfg = TapoConfig(**{**E2E, "steps": 1, "checkpoint_every": 1})
+    out = tmp_path / "run"
+    TapoTrainer(_model(tokenizer), processor, bench, cfg, out).train(progress=False)
+    state = out / "checkpoint" / "trainer_state.pt"
+    honest = torch.load(state, weights_only=True)  # the real state: plain tensors, numbers, strings, dicts
+    assert honest["step"] == 1 and isinstance(honest["torch_rng"], torch.Tensor)
+    marker = tmp_path / "pwned"
+    torch.save({**honest, "cfg": _Payload(marker)}, state)
+    with pytest.raises(tapo.DataError, match=r"trainer_state\.pt: refused to load") as err:
+        TapoTrainer(_model(tokenizer), processor, bench, cfg, out).load_checkpoint()
+    assert str(state) in str(err.value) and not marker.exists()
+
+
+def test_bench_tapo_reports_both_readings_and_the_phases(setup):
+    bench, processor, tokenizer = setup
+    model = _model(tokenizer)
+    before = _snapshot(model)
+    result = tapo.bench_tapo("smoke", model=model, processor=processor, bench=bench, prompts=1, max_new_tokens=4,
+                             repeats=1)
+    assert result["ratio"] > 0 and result["ratio_tapo_eq4"] > 0  # TAPO (default) and the literal Eq. 4, / DAPO
+    assert result["cpu_time_ratio"] > 0 and result["cpu_time_ratio_tapo_eq4"] > 0
+    for name in ("dapo", "tapo", "tapo-eq4"):
+        phases = result["seconds"][name]
+        assert set(phases) == {"generate", "rescore", "update", "step"} and phases["step"] > 0
+        assert phases["generate"] + phases["rescore"] + phases["update"] <= phases["step"] + 0.002  # rounded
+    assert result["seconds"]["dapo"]["rescore"] == pytest.approx(0.0, abs=0.05)  # fp32: generation's log-probs
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # weights restored
