@@ -79,18 +79,24 @@ def caption_batch(world: World, step: int, batch_size: int, seed: int = 0, namin
 class ContrastiveHeads(nn.Module):
     """The two throw-away heads of stage (a): attention pooling of image tokens, and a small text tower.
 
-    Image side: ``queries`` learned queries attend over an image's merged tokens (SigLIP's MAP head), their
-    outputs are concatenated and projected. Text side: token + position embeddings, ``text_layers`` pre-norm
+    Image side: ``pool="flatten"`` (default) concatenates an image's ``n_tokens`` merged tokens in order and
+    projects them (the tokens' layout is what the LLM reads too); ``pool="attention"``: ``queries`` learned
+    queries attend over the tokens (SigLIP's MAP head), their outputs concatenated and projected. Text side: token + position embeddings, ``text_layers`` pre-norm
     transformer layers, mean over real tokens, projection. Both end L2-normalised in ``embed_dim``; a learned
     scale t and bias b (SigLIP's init: t = 10, b = -10) turn cosines into logits."""
 
     def __init__(self, token_dim: int, vocab_size: int, pad_id: int, embed_dim: int = 128, width: int = 128,
-                 text_layers: int = 2, queries: int = 4, max_len: int = 64):
+                 text_layers: int = 2, queries: int = 4, max_len: int = 64, pool: str = "flatten",
+                 n_tokens: int = 16):
         super().__init__()
-        self.pad_id = pad_id
-        self.query = nn.Parameter(torch.randn(queries, token_dim) * 0.02)
-        self.attn = nn.MultiheadAttention(token_dim, num_heads=4, batch_first=True)
-        self.image_proj = nn.Sequential(nn.LayerNorm(queries * token_dim), nn.Linear(queries * token_dim, embed_dim))
+        if pool not in ("flatten", "attention"):
+            raise ValueError(f"pool must be 'flatten' or 'attention', got {pool!r}")
+        self.pad_id, self.pool = pad_id, pool
+        if pool == "attention":
+            self.query = nn.Parameter(torch.randn(queries, token_dim) * 0.02)
+            self.attn = nn.MultiheadAttention(token_dim, num_heads=4, batch_first=True)
+        n_in = (queries if pool == "attention" else n_tokens) * token_dim
+        self.image_proj = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, embed_dim))
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
         layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, batch_first=True,
@@ -102,9 +108,10 @@ class ContrastiveHeads(nn.Module):
 
     def embed_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """[images, tokens, dim] merged image tokens -> [images, embed_dim], unit norm."""
-        q = self.query.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        pooled, _ = self.attn(q, tokens, tokens, need_weights=False)
-        return F.normalize(self.image_proj(pooled.flatten(1)), dim=-1)
+        if self.pool == "attention":
+            q = self.query.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+            tokens, _ = self.attn(q, tokens, tokens, need_weights=False)
+        return F.normalize(self.image_proj(tokens.flatten(1)), dim=-1)
 
     def embed_texts(self, ids: torch.Tensor) -> torch.Tensor:
         """[texts, length] token ids (padded with pad_id) -> [texts, embed_dim], unit norm."""

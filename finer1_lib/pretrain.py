@@ -196,6 +196,7 @@ def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:
 
 def stage_key(cfg: dict, parent: str = "") -> str:
     """A short hash of a stage's settings and of the stage it starts from: a changed setting is a new run."""
+    cfg = {k: v for k, v in cfg.items() if k != "checkpoint_every"}  # when to save does not change the result
     blob = json.dumps({"cfg": cfg, "parent": parent}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -331,8 +332,10 @@ def _run_vision_stage(s: dict, folder: Path, model, processor, world: World, log
     tower = groups["vision"] + groups["merger"]
     tok = processor.tokenizer
     torch.manual_seed(s["seed"])
+    grid = pixel_inputs(processor, [world.render(world.species[0].name, "pretrain", 0)])["image_grid_thw"]
+    n_tokens = int(grid.prod()) // model.config.vision_config.spatial_merge_size ** 2
     heads = ContrastiveHeads(model.config.text_config.hidden_size, len(tok), tok.pad_token_id,
-                             **s.get("heads", {}))
+                             n_tokens=n_tokens, **s.get("heads", {}))
     opt = torch.optim.AdamW([{"params": tower}, {"params": list(heads.parameters())}], lr=s["lr"],
                             betas=(0.9, 0.95), weight_decay=s["weight_decay"])
     ckpt = _find_checkpoint(folder)

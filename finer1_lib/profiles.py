@@ -85,7 +85,7 @@ _PRETRAIN_STAGES = dict(
 )
 PRETRAIN_MIXTURE = _PRETRAIN_STAGES["instruct"]["mixture"]
 
-_CPU_PRETRAIN = dict(stages=_PRETRAIN_STAGES, weight_decay=0.01, naming_images=2, checkpoint_every=250, seed=0,
+_CPU_PRETRAIN = dict(stages=_PRETRAIN_STAGES, weight_decay=0.01, naming_images=2, checkpoint_every=100, seed=0,
                      max_tokens_per_chunk=2048)
 _SMOKE_PRETRAIN = dict(_CPU_PRETRAIN, checkpoint_every=10,
                        stages={k: dict(v, steps=5, batch_size=4, warmup=1) for k, v in _PRETRAIN_STAGES.items()})
