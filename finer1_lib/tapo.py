@@ -526,7 +526,8 @@ class TapoTrainer:
         under x_neg in the same forward; the update and the bf16 old-log-prob pass score the same batches."""
         mode = self.cfg.positive_update_image
         star = [(g.update_image(r, mode), g.prompt, r.token_ids) for g, r in chunk]
-        neg = [(g.negative_for(img), p, ids) for (g, _), (img, p, ids) in zip(chunk, star)] if self._neg_with_grad else []
+        neg = ([(g.negative_for(img), p, ids) for (g, _), (img, p, ids) in zip(chunk, star)]
+               if self._neg_with_grad else [])
         scored = self._rescore_rows(star + neg, grad=grad, whole=True)
         return scored[: len(chunk)], (scored[len(chunk):] if neg else None)
 

@@ -294,7 +294,8 @@ def test_dynamic_sampling_out_of_retries_says_so(setup, monkeypatch, caplog):
     fake = scripted_generate(bench, lambda call, row: mixed(call, row) if call == 0 and row < 4 else "wrong")
     monkeypatch.setattr(tapo, "generate", fake)
     cfg = TapoConfig(n1=2, n2=2, prompts_per_step=2, max_retries=1, seed=0)
-    with pytest.warns(UserWarning, match=r"ran out of retries \(1 of max_retries=1\): the step trains on 1 of 2 groups"):
+    expected = r"ran out of retries \(1 of max_retries=1\): the step trains on 1 of 2 groups"
+    with pytest.warns(UserWarning, match=expected):
         with caplog.at_level("WARNING", logger="finer1_lib.tapo"):
             row = TapoTrainer(_model(tokenizer), processor, bench, cfg).step(0)
     assert row["kept_groups"] == 1 and row["skipped"] == 0 and row["retries"] == 1
