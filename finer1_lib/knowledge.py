@@ -21,7 +21,8 @@ from .rationale import CAPTION_PROMPTS, KNOWLEDGE_PROMPTS, REVERSE_PROMPTS, arti
 from .records import SUPER_CATEGORY_WORD
 from .world import SCHEMAS, World, join_phrases
 
-__all__ = ["parse_attributes", "perception_probe", "knowledge_probe", "probe_summary", "base_model_metrics"]
+__all__ = ["parse_attributes", "perception_probe", "knowledge_probe", "probe_summary", "answers_in_options",
+           "species_probe", "base_model_metrics"]
 
 
 def parse_attributes(super_category: str, text: str) -> dict[str, str | None]:
@@ -39,7 +40,8 @@ def _score(super_category: str, truth: dict, text: str) -> dict:
     ok = {d.name: got[d.name] == truth[d.name] for d in schema.dims}
     return {"genus attrs": all(ok[d.name] for d in schema.genus_dims),
             "species attrs": all(ok[d.name] for d in schema.species_dims),
-            "all 5 attrs": all(ok.values()), "per-attribute": sum(ok.values()) / len(ok)}
+            "all 5 attrs": all(ok.values()), "per-attribute": sum(ok.values()) / len(ok),
+            **{f"attribute {k + 1}": ok[d.name] for k, d in enumerate(schema.dims)}}  # slots 1-2: genus
 
 
 def perception_probe(model, processor, bench, world: World, records: Sequence | None = None,
@@ -96,15 +98,55 @@ def probe_summary(*frames: pd.DataFrame) -> pd.DataFrame:
     return table.round(1)
 
 
-def base_model_metrics(model, processor, bench, world: World, profile, progress: bool = False) -> dict:
-    """The base model's shape as plain numbers (%, seen/unseen): perception, knowledge, zero-shot naming.
+def answers_in_options(results: pd.DataFrame, rows: Sequence[dict]) -> pd.Series:
+    """Per split, % of closed-world answers that are one of the four options offered (case-insensitive).
 
-    Stored in the shipped model's manifest; a test recomputes them to check the checkpoint."""
+    ``results``: ``evaluate.run_eval`` output for ``rows`` (its closed-world rows come in the order of ``rows``)."""
+    closed = results[results["mode"] == "closed"].reset_index(drop=True)
+    if len(closed) != len(rows):
+        raise ValueError(f"{len(closed)} closed-world results for {len(rows)} evaluation rows")
+    hit = [str(p).strip().lower() in {o.lower() for o in r["options"]} for p, r in zip(closed["prediction"], rows)]
+    return (pd.Series(hit, dtype=float).groupby(closed["split"]).mean() * 100).round(2)
+
+
+def species_probe(model, processor, bench, world: World, train_per_class: int = 8, batch_size: int = 16) -> dict:
+    """H1's method (Table 4 left) on every species: a linear probe of mean-pooled image-token states, trained on
+    ``train_per_class`` pretrain-pool images per species (seen and unseen alike), tested on the test images."""
+    from .analysis import image_token_features, linear_probe
+
+    train = [(sp.name, world.render(sp.name, "pretrain", 2 * 10**7 + i)) for sp in world.species
+             for i in range(train_per_class)]
+    test = list(bench.test)
+    seen = set(bench.seen_labels())
+    x_tr = image_token_features(model, processor, [im for _, im in train], batch_size=batch_size)
+    x_te = image_token_features(model, processor, [bench.image(r) for r in test], batch_size=batch_size)
+    return linear_probe(x_tr, [n for n, _ in train], x_te, [r.label for r in test],
+                        groups=["seen" if r.label in seen else "unseen" for r in test])
+
+
+def base_model_metrics(model, processor, bench, world: World, profile, progress: bool = False,
+                       extended: bool = True) -> dict:
+    """The base model's shape as plain numbers (%, seen/unseen): perception (all five, both genus, each slot),
+    knowledge, zero-shot naming, answers inside the offered options, and H1's probe with 8 images per species.
+
+    Stored in the shipped model's manifest; a test recomputes them to check the checkpoint. ``extended=False``
+    gives the measures of manifests written before the staged pretraining (no slots, options rate or probe)."""
     from .evaluate import evaluate_model, summarize
 
-    probes = probe_summary(perception_probe(model, processor, bench, world, progress=progress),
-                           knowledge_probe(model, processor, bench, world, progress=progress))
-    naming = summarize(evaluate_model(model, processor, bench, profile, progress=progress))["all"]
+    perception = perception_probe(model, processor, bench, world, progress=progress)
+    probes = probe_summary(perception, knowledge_probe(model, processor, bench, world, progress=progress))
+    results = evaluate_model(model, processor, bench, profile, progress=progress)
+    naming = summarize(results)["all"]
     out = {f"{probe} [{split}]": round(float(v), 2) for probe, row in probes.iterrows() for split, v in row.items()}
+    if not extended:
+        out.update({f"{metric} [{split}]": round(float(v), 2) for (metric, split), v in naming.items()})
+        return out
+    slots = perception.groupby("split")[[f"attribute {k}" for k in range(1, 6)]].mean() * 100
+    out.update({f"perception, {col} [{split}]": round(float(v), 2) for split, row in slots.iterrows()
+                for col, v in row.items()})
     out.update({f"{metric} [{split}]": round(float(v), 2) for (metric, split), v in naming.items()})
+    out.update({f"closed-world answer in options [{split}]": float(v)
+                for split, v in answers_in_options(results, bench.eval_rows).items()})
+    probe = species_probe(model, processor, bench, world)
+    out.update({f"H1 probe, 8 images per species [{split}]": round(float(v), 2) for split, v in probe.items()})
     return out
