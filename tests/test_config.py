@@ -178,3 +178,10 @@ def test_another_tapo_setting_is_a_new_run_and_evaluations_follow_the_model(prof
     assert read_run_info(folder)["key"] == a["key"] and p_a.is_file()
     assert (tmp_path / ".by-key" / f"tapo-dapo-seed0@{b['key']}" / p_b.name).is_file()  # B's eval went with B
 
+
+def test_tapo_config_defaults_are_the_cpu_profile():
+    """TapoConfig() used to say lr 3e-5 / 100 steps while the cpu profile ran 5e-5 / 16."""
+    from finer1_lib.tapo import TapoConfig
+
+    cfg = TapoConfig()
+    assert (cfg.lr, cfg.steps) == (PROFILES["cpu"].tapo["lr"], PROFILES["cpu"].tapo["steps"])
