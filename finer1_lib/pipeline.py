@@ -493,14 +493,19 @@ def method_key(profile=None, out=None, seed: int = 0, method: str = "zero-shot")
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)} or 'tapo-<variant>'")
 
 
+#: The scoring rules the cached evaluations were scored under (metrics.SCORINGS; official since issue 18).
+EVAL_SCORING = "official-v1"
+
+
 def _eval_cache(profile: Profile, out, seed: int, method: str) -> Path:
     """Where ``evaluate_method`` caches a method's evaluation: next to the model it evaluates, named by a hash
     of the model's key, the prompt and the evaluation settings (another model or setting: another file)."""
     key, think = _method_key(method)
     bench = get_benchmark(profile, out, seed)
     settings = {k: v for k, v in profile.eval.items() if k in ("max_new_tokens", "batch_size")}
+    # the scoring rule is part of the key: a CSV scored under other rules is never reused
     name = digest({"model": method_key(profile, out, seed, method), "think": think, "eval": settings,
-                   "bench": bench_key(bench)}, 12)
+                   "bench": bench_key(bench), "scoring": EVAL_SCORING}, 12)
     if key == "base":
         return bench.root / f"eval-zero-shot{'-step-by-step' if think else ''}-{name}.csv"
     if key == "clip":

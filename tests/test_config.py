@@ -185,3 +185,11 @@ def test_tapo_config_defaults_are_the_cpu_profile():
 
     cfg = TapoConfig()
     assert (cfg.lr, cfg.steps) == (PROFILES["cpu"].tapo["lr"], PROFILES["cpu"].tapo["steps"])
+
+
+def test_evaluation_cache_key_includes_the_scoring_rules(profile, tmp_path, monkeypatch):
+    """The official scoring became the default: a CSV scored under other rules must never be reused."""
+    before = pipeline._eval_cache(profile, tmp_path, 0, "zero-shot")
+    monkeypatch.setattr(pipeline, "EVAL_SCORING", "strict-v0")
+    after = pipeline._eval_cache(profile, tmp_path, 0, "zero-shot")
+    assert before.parent == after.parent and before.name != after.name
