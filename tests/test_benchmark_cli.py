@@ -357,13 +357,14 @@ def test_committed_files_hold_no_machine_path():
     from finer1_lib.records import REPO_ROOT
 
     try:
-        files = subprocess.run(["git", "ls-files", "finer1_lib", "tests", "README.md", "Makefile", "data/results"],
+        files = subprocess.run(["git", "ls-files", "finer1_lib", "tests", "README.md", "Makefile", "data/results",
+                                "notebooks", "figures"],
                                cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     pattern = re.compile(r"(?<![\w.])/(?:work|home|Users|tmp)/[\w.-]+/")
     hits = [f"{f}: {m.group(0)}" for f in files if (REPO_ROOT / f).is_file() and f.endswith((".py", ".md", ".csv",
-                                                                                               ".json", "Makefile"))
+                                                                                               ".json", "Makefile", ".ipynb"))
             for m in pattern.finditer((REPO_ROOT / f).read_text(encoding="utf-8", errors="replace"))]
     assert not hits, hits
 
