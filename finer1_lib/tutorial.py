@@ -61,7 +61,7 @@ def scrub_paths(text: str, run_dir: str | Path | None = None) -> str:
         roots.append((root + "/", ""))
         roots.append((root, "."))
     for old, new in sorted(roots, key=lambda r: -len(r[0])):  # longest first: a run folder inside another root
-        # a whole folder name only: /work/main must not turn /work/main2 into .2
+        # a whole folder name only: <repo> must not turn a sibling <repo>2 into .2
         text = re.sub(re.escape(old) + (r"" if old.endswith("/") else r"(?![\w.-])"), new.replace("\\", "\\\\"), text)
     return text
 
