@@ -17,7 +17,7 @@ from .profiles import get_profile, profile_names
 
 #: The settings dict that a bare ``--set key=value`` of a command changes.
 SET_STAGE = {"concepts": "concepts", "cot": "cot", "sft": "sft", "tapo": "tapo", "evaluate": "eval",
-             "analyze": "eval"}
+             "analyze": "eval", "reproduce": "tapo"}
 
 STAGES: dict[str, tuple[str, callable]] = {}
 
@@ -43,15 +43,31 @@ def _world(args) -> int:
 def _pretrain(args) -> int:
     from .pretrain import pretrain
 
-    final = pretrain(args.profile, args.out or None, steps=args.steps)
+    profile, out = args.profile, args.out or None
+    if args.world_seed is not None and args.world_seed != profile.world_seed:
+        if args.ship:  # data/base_model serves the profiles' own world
+            raise ValueError(f"--ship ships a model of world {profile.world_seed} only; --world-seed "
+                             f"{args.world_seed} checks that the recipe is not tuned to one world (use --measure)")
+        profile = profile.replace(world_seed=args.world_seed)
+        out = out or profile.run_dir() / f"pretrain-world{args.world_seed}"
+    final = pretrain(profile, out, steps=args.steps)
     print(f"model written to {final}")
-    if args.ship:
+    if args.ship or args.measure:
+        from .knowledge import target_table
         from .pipeline import shipping_metrics
-        from .pretrain import ship_model
 
-        metrics = shipping_metrics(final)
+        metrics = shipping_metrics(final, world_seed=profile.world_seed)
         print(json.dumps(metrics, indent=1))
-        print(f"shipped to {ship_model(final.parent, metrics=metrics)}")
+        print(target_table(metrics["cpu benchmark, seed 0"]).to_string())
+        if args.measure:
+            from .io import write_json
+
+            write_json(final.parent / "metrics.json", metrics)
+            print(f"metrics written to {final.parent / 'metrics.json'}")
+        if args.ship:
+            from .pretrain import ship_model
+
+            print(f"shipped to {ship_model(final.parent, metrics=metrics)}")
     return 0
 
 
@@ -137,6 +153,13 @@ def _analyze(args) -> int:
     return 0
 
 
+@stage("reproduce", "issue 19: every run behind the paper's comparisons (resumable), tables and verdicts in --out")
+def _reproduce(args) -> int:
+    from .reproduce import main_args
+
+    return main_args(args)
+
+
 @stage("tutorial", "run the notebooks in order, writing executed copies, figures/ and a results report")
 def _tutorial(args) -> int:
     from .tutorial import run_tutorial
@@ -182,12 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 f"stage.key=value for another stage, e.g. sft.lr=1e-4)")
         if name == "pretrain":
             p.add_argument("--steps", type=int, default=None, help="override the profile's step count")
-            p.add_argument("--ship", action="store_true", help="copy the result to data/base_model (the shipped model)")
+            p.add_argument("--ship", action="store_true", help="measure the result on the seed-0 smoke and cpu "
+                           "benchmarks and copy it with its metrics to data/base_model (the shipped model)")
+            p.add_argument("--measure", action="store_true", help="measure as --ship does, write "
+                           "<out>/metrics.json and print the targets table, without shipping")
+            p.add_argument("--world-seed", type=int, default=None, help="another micro world (default: the "
+                           "profile's); its run goes to data/runs/<profile>/pretrain-world<N>")
         if name == "sft":
             p.add_argument("--data", choices=["cot", "direct"], default="cot", help="CoT SFT or direct-answer SFT")
             p.add_argument("--compare", type=int, nargs="+", metavar="SEED",
                            help="train direct and CoT SFT for these seeds, evaluate, print mean ± std (Fig. 3a)")
-        if name in ("tapo", "evaluate", "analyze"):
+        if name in ("tapo", "evaluate", "analyze", "reproduce"):
             p.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="several seeds (mean ± std)")
         if name == "tapo":
             from .tapo import VARIANTS
@@ -213,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train: full (fp32 master, bf16 autocast), full-bf16, lora, qlora")
             p.add_argument("--batch-size", type=int, default=4, help="train: sequences per step")
             p.add_argument("--steps", type=int, default=4, help="train: optimizer steps per mode")
+        if name == "reproduce":
+            from .reproduce import ALL_METHODS
+
+            p.add_argument("--rl-passes", type=float, default=3.0, metavar="P",
+                           help="RL steps = ceil(P x RL anchors / prompts per step) (default 3; an explicit "
+                                "--set tapo.steps=N or tapo.epochs=E wins)")
+            p.add_argument("--runs", default="", help="run folders (models, caches; default: <out>/runs)")
+            p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                           help=f"restrict the rows (default all: {', '.join(ALL_METHODS)})")
+            p.add_argument("--no-analysis", action="store_true", help="skip H1-H3")
+            p.add_argument("--dry-run", "--plan", action="store_true", dest="dry_run",
+                           help="print the runs, which are cached, and an estimated time; run nothing")
         if name == "tutorial":
             p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 00 01")
     return parser

@@ -22,7 +22,21 @@ from .records import SUPER_CATEGORY_WORD
 from .world import SCHEMAS, World, join_phrases
 
 __all__ = ["parse_attributes", "perception_probe", "knowledge_probe", "probe_summary", "answers_in_options",
-           "species_probe", "base_model_metrics"]
+           "species_probe", "base_model_metrics", "BASE_MODEL_TARGETS", "target_table"]
+
+# The shape a base model should have before Fine-R1 (issue 16; the paper's zero-shot Qwen2.5-VL-3B perceives and
+# chooses well but names poorly in the open world, Table 1 / Table 6). (measure, metric key prefix, low, high), %,
+# checked on each split (seen, unseen); "each attribute" is checked on the worst of the five slots.
+BASE_MODEL_TARGETS = (
+    ("perception, each attribute (worst slot)", "perception, attribute", 90.0, 100.0),
+    ("perception, all five attributes", "perception (image -> attributes)", 70.0, 100.0),
+    ("knowledge, name -> attributes (text)", "knowledge (name -> attributes)", 98.0, 100.0),
+    ("knowledge, attributes -> name (text)", "knowledge (attributes -> name)", 95.0, 100.0),
+    ("closed world zero-shot (4 options)", "closed-world acc", 45.0, 80.0),
+    ("answers that are one of the options", "closed-world answer in options", 95.0, 100.0),
+    ("open world zero-shot TI", "open-world TI", 0.0, 35.0),
+    ("H1 probe, 8 images per species", "H1 probe, 8 images per species", 50.0, 100.0),
+)
 
 
 def parse_attributes(super_category: str, text: str) -> dict[str, str | None]:
@@ -125,17 +139,19 @@ def species_probe(model, processor, bench, world: World, train_per_class: int = 
 
 
 def base_model_metrics(model, processor, bench, world: World, profile, progress: bool = False,
-                       extended: bool = True) -> dict:
+                       extended: bool = True, results: pd.DataFrame | None = None) -> dict:
     """The base model's shape as plain numbers (%, seen/unseen): perception (all five, both genus, each slot),
     knowledge, zero-shot naming, answers inside the offered options, and H1's probe with 8 images per species.
 
     Stored in the shipped model's manifest; a test recomputes them to check the checkpoint. ``extended=False``
-    gives the measures of manifests written before the staged pretraining (no slots, options rate or probe)."""
+    gives the measures of manifests written before the staged pretraining (no slots, options rate or probe).
+    ``results``: this model's zero-shot ``evaluate_model`` output on ``bench`` if already computed (reused)."""
     from .evaluate import evaluate_model, summarize
 
     perception = perception_probe(model, processor, bench, world, progress=progress)
     probes = probe_summary(perception, knowledge_probe(model, processor, bench, world, progress=progress))
-    results = evaluate_model(model, processor, bench, profile, progress=progress)
+    if results is None:
+        results = evaluate_model(model, processor, bench, profile, progress=progress)
     naming = summarize(results)["all"]
     out = {f"{probe} [{split}]": round(float(v), 2) for probe, row in probes.iterrows() for split, v in row.items()}
     if not extended:
@@ -150,3 +166,18 @@ def base_model_metrics(model, processor, bench, world: World, profile, progress:
     probe = species_probe(model, processor, bench, world)
     out.update({f"H1 probe, 8 images per species [{split}]": round(float(v), 2) for split, v in probe.items()})
     return out
+
+
+def target_table(metrics: dict) -> pd.DataFrame:
+    """``base_model_metrics`` output against ``BASE_MODEL_TARGETS``: one row per measure, seen / unseen values,
+    the target range and whether both splits are inside it (NaN values, e.g. an old manifest, count as missing)."""
+    rows = []
+    for name, prefix, lo, hi in BASE_MODEL_TARGETS:
+        row = {"measure": name}
+        for split in ("seen", "unseen"):
+            vals = [v for k, v in metrics.items() if k.startswith(prefix) and k.endswith(f"[{split}]")]
+            row[split] = min(vals) if vals else float("nan")
+        row["target"] = f"≤ {hi:g}" if lo == 0 else f"≥ {lo:g}" if hi == 100 else f"{lo:g}–{hi:g}"
+        row["met"] = all(lo <= row[s] <= hi for s in ("seen", "unseen"))  # NaN compares False
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("measure")

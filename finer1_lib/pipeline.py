@@ -263,8 +263,11 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     return summary
 
 
-def shipping_metrics(model_dir, out=None, progress: bool = False) -> dict:
-    """The base model's shape on the smoke and cpu benchmarks (seed 0), for the shipped manifest."""
+def shipping_metrics(model_dir, out=None, progress: bool = False, world_seed: int | None = None) -> dict:
+    """The base model's shape on the smoke and cpu benchmarks (seed 0), for the shipped manifest.
+
+    ``world_seed``: measure on another micro world (its benchmarks go to ``<out>/benchmark-seed0-world<N>``,
+    never beside the default world's cached images)."""
     from .benchmark import build_benchmark
     from .knowledge import base_model_metrics
     from .model import load_model
@@ -276,6 +279,11 @@ def shipping_metrics(model_dir, out=None, progress: bool = False) -> dict:
     for name in ("smoke", "cpu"):
         profile = PROFILES[name]
         folder = Path(out or PROFILES[name].run_dir()) / "benchmark-seed0"
+        if world_seed is not None and world_seed != profile.world_seed:
+            profile = profile.replace(world_seed=world_seed)
+            folder = Path(out or PROFILES[name].run_dir()) / f"{name}-benchmark-seed0-world{world_seed}"
+        elif out is not None:
+            folder = Path(out) / f"{name}-benchmark-seed0"
         bench = build_benchmark(profile, folder, seed=0, progress=False)
         metrics[f"{name} benchmark, seed 0"] = base_model_metrics(
             model, processor, bench, World(profile.world_seed, profile.image_size, profile.n_genera), profile,

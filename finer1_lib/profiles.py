@@ -78,7 +78,7 @@ _PRETRAIN_STAGES = dict(
               mixture=dict(knowledge=0.6, reasoning=0.4)),
     align=dict(steps=400, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=50, train=dict(merger=1.0, language=0.1),
                mixture=dict(caption=0.6, attribute=0.3, super=0.1)),
-    instruct=dict(steps=2500, batch_size=16, lr=5e-4, min_lr=5e-5, warmup=100,
+    instruct=dict(steps=1500, batch_size=16, lr=5e-4, min_lr=5e-5, warmup=100,
                   train=dict(merger=1.0, language=1.0),
                   mixture=dict(caption=0.18, attribute=0.1, super=0.02, choice=0.22, knowledge=0.2, naming=0.06,
                                reasoning=0.22)),

@@ -127,3 +127,11 @@ def test_a_bad_input_in_a_worker_process_is_one_line_too(tmp_path, capsys, monke
     monkeypatch.setitem(cli.STAGES, "world", (cli.STAGES["world"][0], bug))
     with pytest.raises(RuntimeError, match="a bug"):  # a real bug keeps its traceback
         main(["world", "--profile", "smoke", "--out", str(tmp_path)])
+
+
+def test_shipping_a_model_of_another_world_is_refused(tmp_path, capsys):
+    """--world-seed checks the recipe on another world; data/base_model only ever holds the profile's world."""
+    assert main(["pretrain", "--profile", "smoke", "--world-seed", "1", "--ship", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ship ships a model of world 0 only") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())  # refused before anything was trained
