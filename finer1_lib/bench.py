@@ -1,7 +1,8 @@
 """Benchmarks (commands, not timed tests): ``python -m finer1_lib bench generate|tapo|train``.
 
 ``generate``: batched sampled rollouts of the base model on training images with the TAPO prompt, as the RL
-stage does them; prints generated tokens/s and peak memory.
+stage does them; prints generated tokens/s and peak memory, with each prompt prefilled once for its samples
+(the default) and, for comparison, once per row (``share_prompts=False``).
 ``train``: GPU memory and speed of the real-size path (Qwen2.5-VL-3B/7B architecture, random weights) for
 full fine-tuning, LoRA and QLoRA, and rollout tokens/s (README, "Which GPU").
 """
@@ -34,8 +35,12 @@ def peak_memory_gb() -> float:
 
 
 def bench_generate(profile=None, out=None, prompts: int = 8, samples: int = 10, max_new_tokens: int = 128,
-                   repeats: int = 2, seed: int = 0) -> dict:
-    """Tokens/s of n-sample rollouts (``prompts`` images x ``samples`` completions), after one warm-up call."""
+                   repeats: int = 2, seed: int = 0, compare: bool = True) -> dict:
+    """Tokens/s of n-sample rollouts (``prompts`` images x ``samples`` completions), after one warm-up call.
+
+    The top-level numbers are generate()'s default path (each prompt prefilled once, its KV cache shared by its
+    samples). ``compare``: also the row-by-row path (``share_prompts=False``), interleaved with it on the same
+    seeds (the same tokens), under ``row_by_row``, and ``speedup`` = shared tokens/s / row-by-row tokens/s."""
     profile = get_profile(profile)
     bench = build_benchmark(profile, out or profile.run_dir() / "benchmark-seed0", seed, progress=False)
     model, processor = load_model(profile.model, dtype=profile.load_dtype)
@@ -44,18 +49,30 @@ def bench_generate(profile=None, out=None, prompts: int = 8, samples: int = 10, 
     texts = [tapo_prompt(question_templates(r.super_category)[0]) for r in records]
     kwargs = dict(do_sample=True, temperature=1.0, num_return_sequences=samples, max_new_tokens=max_new_tokens,
                   batch_size=prompts * samples, return_scores=True, progress=False)
-    generate(model, processor, images[:2], texts[:2], seed=seed, **dict(kwargs, num_return_sequences=2))  # warm-up
-    runs = []
+    paths = {"shared": True, "row_by_row": False} if compare else {"shared": True}
+    for share in paths.values():  # warm-up
+        generate(model, processor, images[:2], texts[:2], seed=seed, share_prompts=share,
+                 **dict(kwargs, num_return_sequences=2))
+    runs = {name: [] for name in paths}
     for r in range(repeats):
-        t0 = time.perf_counter()
-        g = generate(model, processor, images, texts, seed=seed + r, **kwargs)
-        dt = time.perf_counter() - t0
-        runs.append((sum(len(ids) for ids in g.token_ids), dt))
-    tokens, seconds = sum(t for t, _ in runs), sum(s for _, s in runs)
-    return {"model": profile.model, "rollouts": prompts * samples, "max_new_tokens": max_new_tokens,
-            "generated_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "mean_length": round(tokens / (repeats * prompts * samples), 1), "threads": torch.get_num_threads(),
-            "peak_memory_gb": round(peak_memory_gb(), 2)}
+        for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+            t0 = time.perf_counter()
+            g = generate(model, processor, images, texts, seed=seed + r, share_prompts=paths[name], **kwargs)
+            dt = time.perf_counter() - t0
+            runs[name].append((sum(len(ids) for ids in g.token_ids), dt))
+    speed = {}
+    for name, rs in runs.items():
+        tokens, seconds = sum(t for t, _ in rs), sum(s for _, s in rs)
+        speed[name] = {"generated_tokens": tokens, "seconds": round(seconds, 2),
+                       "tokens_per_s": round(tokens / seconds, 1)}
+    shared = speed["shared"]
+    result = {"model": profile.model, "rollouts": prompts * samples, "max_new_tokens": max_new_tokens, **shared,
+              "mean_length": round(shared["generated_tokens"] / (repeats * prompts * samples), 1),
+              "threads": torch.get_num_threads(), "peak_memory_gb": round(peak_memory_gb(), 2)}
+    if compare:
+        result["row_by_row"] = speed["row_by_row"]
+        result["speedup"] = round(shared["tokens_per_s"] / speed["row_by_row"]["tokens_per_s"], 3)
+    return result
 
 
 #: What ``bench train`` measures: how the model is loaded for SFT (paper §4.2); every mode computes in bf16 on a GPU.
@@ -157,8 +174,9 @@ def bench_train(size: str = "qwen2.5-vl-3b", out=None, modes=tuple(TRAIN_MODES),
         torch.cuda.reset_peak_memory_stats()
     model, _ = load_model(folder, dtype="bfloat16" if cuda else None)
     n_prompts, n_samples = rollouts
+    images = [image.copy() for _ in range(n_prompts)]  # n_prompts distinct prompts (one prefill each), as TAPO
     t0 = time.perf_counter()
-    g = generate(model, processor, [image] * n_prompts, [prompt] * n_prompts, do_sample=True,
+    g = generate(model, processor, images, [prompt] * n_prompts, do_sample=True,
                  num_return_sequences=n_samples, max_new_tokens=max_new_tokens, batch_size=n_prompts * n_samples,
                  seed=seed, return_scores=True, progress=False)
     dt = time.perf_counter() - t0

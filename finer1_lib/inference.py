@@ -1,7 +1,8 @@
 """Inference API used by every later stage: batched inputs, generation, rescoring, the k3 KL estimator.
 
 - :func:`generate` samples (or greedily decodes) completions and can return each generated token's log-prob
-  under the model (log-softmax of the raw logits, i.e. temperature 1) plus the token ids.
+  under the model (log-softmax of the raw logits, i.e. temperature 1) plus the token ids. Rows that share a
+  prompt (``num_return_sequences`` > 1, a TAPO group's rollouts) prefill it once and sample on its KV cache.
 - :func:`rescore` recomputes those log-probs for given completions under any image (anchor, positive,
   negative), optionally with gradients: the building block of SFT losses and TAPO. Rows that share a prompt
   (a TAPO group: one image + question, ten responses) encode it once and reuse its KV cache.
@@ -15,7 +16,8 @@ from typing import NamedTuple, Sequence
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import Qwen2_5_VLModel
+from transformers import (LogitsProcessorList, Qwen2_5_VLModel, SuppressTokensLogitsProcessor,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 
 from .model import vision_token_ids
 
@@ -114,43 +116,38 @@ def generate(
     batch_size: int = 16,
     return_scores: bool = False,
     progress: bool = True,
+    share_prompts: bool | None = None,
 ) -> list[str] | Generations:
     """Complete each (image, prompt); returns ``num_return_sequences`` completions per prompt, prompt-major.
 
-    Left padding, KV cache, vision tokens suppressed, stops at ``<|im_end|>``. With ``return_scores`` a
-    :class:`Generations` carries the token ids and their log-probs at temperature 1 (raw logits).
+    KV cache, vision tokens suppressed, stops at ``<|im_end|>``. With ``return_scores`` a :class:`Generations`
+    carries the token ids and their log-probs at temperature 1 (raw logits).
+
+    ``share_prompts``: rows of a batch with the same prompt (the same image object and text: the
+    ``num_return_sequences`` rows of a prompt, a TAPO group's rollouts) prefill it once; its KV cache is
+    gathered to the rows and each row samples on it (:func:`_generate_shared_batch`). ``False``: Hugging Face
+    ``model.generate`` on every row, left-padded (the prompt encoded once per row). ``None`` (default): share
+    when some prompt repeats. Both paths take the same random draws (one ``torch.multinomial`` over the batch
+    per step, after the same logits processors) on the same batches of ``batch_size`` consecutive rows, so
+    they return the same tokens, and log-probs equal to float tolerance (tests check greedy and seeded
+    sampling); a batch boundary inside a prompt's rows encodes that prompt in both batches.
     """
     tokenizer = processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows = [(img, p) for img, p in zip(images, prompts, strict=True) for _ in range(num_return_sequences)]
+    if share_prompts is None:
+        share_prompts = len({_prompt_key(img, p) for img, p in rows}) < len(rows)
     device = _device(model)
-    gen_kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_beams=1,
-        repetition_penalty=1.0,
-        suppress_tokens=vision_token_ids(tokenizer),
-        eos_token_id=eos_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        return_dict_in_generate=True,
-        output_logits=return_scores,
-    )
-    if do_sample:  # explicit values, so a hub generation_config.json (top_k=1, ...) cannot leak in
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, suppress=vision_token_ids(tokenizer),
+                    eos_id=eos_id, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens)
+    batch = _generate_shared_batch if share_prompts else _generate_batch
     texts, all_ids, all_logps = [], [], []
     starts = range(0, len(rows), batch_size)
-    with _seeded(seed, device):
+    with _seeded(seed, device), torch.no_grad():
         for start in tqdm(starts, desc="generate", disable=not progress or len(starts) == 0):
             chunk = rows[start : start + batch_size]
-            inputs = build_inputs(processor, [r[0] for r in chunk], [r[1] for r in chunk], system, "left")
-            inputs = inputs.to(device)
-            out = model.generate(**inputs, **gen_kwargs)
-            _vl_model(model).rope_deltas = None  # do not leave this batch's rope deltas behind
-            new = out.sequences[:, inputs["input_ids"].shape[1] :].cpu()
-            if return_scores:
-                logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, T, V) raw logits
-                logps = torch.log_softmax(logits, dim=-1).gather(-1, new[..., None]).squeeze(-1)
+            new, logps = batch(model, processor, [r[0] for r in chunk], [r[1] for r in chunk], system,
+                               return_scores, **sampling)
             for i, seq in enumerate(new.tolist()):
                 n = seq.index(eos_id) + 1 if eos_id in seq else len(seq)
                 all_ids.append(seq[:n])
@@ -160,6 +157,81 @@ def generate(
     if return_scores:
         return Generations(texts, all_ids, all_logps)
     return texts
+
+
+def _generate_batch(model, processor, images, prompts, system, return_scores, *, do_sample, temperature, top_p,
+                    suppress, eos_id, pad_id, max_new_tokens):
+    """Every row on its own: left-padded prompts through ``model.generate``. Returns the generated ids
+    (B, T) (pad after a row's end) and, with ``return_scores``, their log-probs at temperature 1 (B, T)."""
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        repetition_penalty=1.0,
+        suppress_tokens=suppress,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=return_scores,
+    )
+    if do_sample:  # explicit values, so a hub generation_config.json (top_k=1, ...) cannot leak in
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    inputs = build_inputs(processor, images, prompts, system, "left").to(_device(model))
+    out = model.generate(**inputs, **gen_kwargs)
+    _vl_model(model).rope_deltas = None  # do not leave this batch's rope deltas behind
+    new = out.sequences[:, inputs["input_ids"].shape[1] :].cpu()
+    logps = None
+    if return_scores:
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # (B, T, V) raw logits
+        logps = torch.log_softmax(logits, dim=-1).gather(-1, new[..., None]).squeeze(-1)
+    return new, logps
+
+
+def _generate_shared_batch(model, processor, images, prompts, system, return_scores, *, do_sample, temperature,
+                           top_p, suppress, eos_id, pad_id, max_new_tokens):
+    """The batch's distinct prompts prefilled once (:func:`_shared_prompt_cache`, as rescoring), then a
+    sampling loop over the rows on the gathered cache; the same outputs as :func:`_generate_batch`.
+
+    Step t feeds each row its previous token (step 0: its prompt's held-back last token) at the 3-D position
+    of the prompt's last token + t on every mrope axis (text after the prompt, as ``model.generate`` assigns),
+    with the prompt's padding masked. Token choice is ``model.generate``'s: raw logits in float32, vision
+    tokens suppressed, temperature and top-p when sampling (top_k off), one ``torch.multinomial`` over the
+    batch (or argmax), rows that ended get the pad token; the loop stops when every row has ended."""
+    device = _device(model)
+    processors = LogitsProcessorList([SuppressTokensLogitsProcessor(suppress, device=device)])
+    if do_sample and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if do_sample and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    shared = _shared_prompt_cache(model, processor, images, prompts, system)
+    n = len(prompts)
+    tokens = shared.last_token.to(device)
+    positions = shared.last_pos.to(device)[:, :, None]  # (3, B, 1)
+    mask = shared.mask.to(device)
+    unfinished = torch.ones(n, dtype=torch.bool, device=device)
+    new = torch.zeros((n, 0), dtype=torch.long, device=device)
+    logps = []
+    for step in range(max_new_tokens):
+        mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions + step,
+                    past_key_values=shared.cache, use_cache=True)
+        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        scores = processors(new, logits)
+        if do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_id))
+        new = torch.cat([new, tokens[:, None]], dim=1)
+        if return_scores:
+            logps.append(torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1))
+        unfinished &= tokens != eos_id
+        if not unfinished.any():
+            break
+    if not return_scores:
+        return new.cpu(), None
+    return new.cpu(), torch.stack(logps, dim=1).cpu() if logps else torch.zeros((n, 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,11 +365,19 @@ def _rescore_batch(model, processor, images, prompts, completion_ids, system):
     return result
 
 
-def _rescore_shared_batch(model, processor, images, prompts, completion_ids, system):
-    """One forward over the distinct prompts of the batch (``use_cache=True``), then every row's completion on
-    its prompt's KV cache. Each prompt's last token is held back and opens the row's completion pass (its
-    logits predict the first completion token); positions continue from the prompt's exactly as in a full
-    row (text after the image: +1 per token on all three mrope axes from the last prompt token's position)."""
+class _SharedPrompts(NamedTuple):
+    """The distinct prompts of a batch encoded once, gathered to its rows (B of them)."""
+
+    cache: object  # KV cache of each row's prompt but its last token, (B, ..., width, ...)
+    mask: torch.Tensor  # (B, width) attention mask of that cache (1 on the prompt's tokens, 0 on padding)
+    last_token: torch.Tensor  # (B,) each row's prompt's held-back last token
+    last_pos: torch.Tensor  # (3, B) its mrope position; text after it continues +1 per token on all axes
+
+
+def _shared_prompt_cache(model, processor, images, prompts, system) -> _SharedPrompts:
+    """One forward over the distinct prompts of the batch (right-padded, ``use_cache=True``, with the graph when
+    grad is on), their last token held back; the KV cache is then gathered to the rows (differentiable), so
+    every row continues on its own prompt: :func:`_rescore_shared_batch` and :func:`_generate_shared_batch`."""
     device = _device(model)
     pad_id = processor.tokenizer.pad_token_id
     index: dict = {}
@@ -320,7 +400,6 @@ def _rescore_shared_batch(model, processor, images, prompts, completion_ids, sys
         raise ValueError("a prompt ends in an image token: cannot hold its last token back for the completion pass")
     last_token, last_pos = ids[g, lens - 1], positions[:, g, lens - 1]  # (G,), (3, G)
 
-    # 1. the prompts but their last token, once each: KV cache (with the graph when grad is on)
     width = int(lens.max()) - 1
     prefix_mask = (torch.arange(width)[None, :] < (lens - 1)[:, None]).long()
     prefix_ids = torch.where(prefix_mask.bool(), ids[:, :width], torch.full_like(ids[:, :width], pad_id))
@@ -338,23 +417,34 @@ def _rescore_shared_batch(model, processor, images, prompts, completion_ids, sys
     cache = out.past_key_values
     rows = torch.tensor(row_prompt, dtype=torch.long)
     cache.batch_select_indices(rows.to(device))  # (G, ...) -> (B, ...): a gather, differentiable
+    return _SharedPrompts(cache, prefix_mask[rows], last_token[rows], last_pos[:, rows])
 
-    # 2. each row: its prompt's last token + completion, right-padded, on the gathered cache
+
+def _rescore_shared_batch(model, processor, images, prompts, completion_ids, system):
+    """One forward over the distinct prompts of the batch (:func:`_shared_prompt_cache`), then every row's
+    completion on its prompt's KV cache. Each prompt's last token is held back and opens the row's completion
+    pass (its logits predict the first completion token); positions continue from the prompt's exactly as in a
+    full row (text after the image: +1 per token on all three mrope axes from the last prompt token's position)."""
+    device = _device(model)
+    pad_id = processor.tokenizer.pad_token_id
+    shared = _shared_prompt_cache(model, processor, images, prompts, system)
+
+    # each row: its prompt's last token + completion, right-padded, on the gathered cache
     completions = [list(map(int, c)) for c in completion_ids]
     length = 1 + max(len(c) for c in completions)
     input_ids = torch.full((len(completions), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(completions), length), dtype=torch.long)
     for i, c in enumerate(completions):
-        input_ids[i, 0] = last_token[row_prompt[i]]
+        input_ids[i, 0] = shared.last_token[i]
         input_ids[i, 1 : 1 + len(c)] = torch.tensor(c, dtype=torch.long)
         attention_mask[i, : 1 + len(c)] = 1
-    position_ids = last_pos[:, rows, None] + torch.arange(length)[None, None, :]
+    position_ids = shared.last_pos[:, :, None] + torch.arange(length)[None, None, :]
     input_ids = input_ids.to(device)
     out = model(
         input_ids=input_ids,
-        attention_mask=torch.cat([prefix_mask[rows], attention_mask], dim=1).to(device),
+        attention_mask=torch.cat([shared.mask, attention_mask], dim=1).to(device),
         position_ids=position_ids.to(device),
-        past_key_values=cache,
+        past_key_values=shared.cache,
         use_cache=True,
     )
     logits = out.logits  # (B, length, V); position j predicts completion token j
