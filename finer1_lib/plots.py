@@ -13,7 +13,12 @@ from PIL import Image  # noqa: E402
 
 from .io import atomic_write_bytes  # noqa: E402
 
-__all__ = ["save_figure", "image_grid", "plot_curves"]
+__all__ = ["save_figure", "image_grid", "plot_curves", "label_bars", "legend_outside", "moving_average",
+           "method_name", "METHOD_NAMES"]
+
+# run keys of the ablation -> the paper's method names (Fig. 3c)
+METHOD_NAMES = {"tapo-dapo": "CoT SFT + DAPO", "tapo-intra": "CoT SFT + DAPO + intra-class x_pos",
+                "tapo-inter": "CoT SFT + DAPO + inter-class x_neg", "tapo-tapo": "Fine-R1 (TAPO)"}
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
@@ -63,3 +68,52 @@ def plot_curves(frame, x: str, ys: Sequence[str], title: str = "", ylabel: str =
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def method_name(key: str) -> str:
+    """The paper's name of a run key ("tapo-dapo" -> "CoT SFT + DAPO"); other names pass through unchanged."""
+    return METHOD_NAMES.get(key, key)
+
+
+def label_bars(ax, fmt: str = "{:.1f}", fontsize: int = 7, padding: int = 2, cap: float | None = None):
+    """Write each bar's value at its end (``ax.bar_label``), so a zero-height bar still shows as "0.0".
+
+    ``cap``: end the value axis there, so one tall bar does not flatten the rest; a longer bar is cut at the
+    axis edge and its value is written inside it, marked "(axis cut)".
+    """
+    horizontal = False
+    for container in ax.containers:
+        if not hasattr(container, "datavalues"):
+            continue
+        horizontal = getattr(container, "orientation", "vertical") == "horizontal"
+        labels = []
+        for bar, v in zip(container, container.datavalues):
+            text = fmt.format(v) if v == v else "n/a"
+            if cap is not None and v > cap:
+                xy = ((cap, bar.get_y() + bar.get_height() / 2) if horizontal
+                      else (bar.get_x() + bar.get_width() / 2, cap))
+                ax.annotate(f"{text} (axis cut)", xy, xytext=(-3, 0) if horizontal else (0, -3),
+                            textcoords="offset points", ha="right" if horizontal else "center",
+                            va="center" if horizontal else "top", fontsize=fontsize, color="white",
+                            fontweight="bold")
+                text = ""
+            labels.append(text)
+        ax.bar_label(container, labels=labels, fontsize=fontsize, padding=padding)
+    ax.margins(**({"x": 0.15} if horizontal else {"y": 0.15}))
+    if cap is not None:
+        (ax.set_xlim if horizontal else ax.set_ylim)(0, cap)
+    return ax
+
+
+def legend_outside(ax, title: str | None = None, fontsize: int = 8, **kw):
+    """A legend to the right of the axes (never over the data)."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=fontsize,
+                     title=title, title_fontsize=fontsize, **kw)
+
+
+def moving_average(values, window: int):
+    """Centred moving average (a pandas rolling mean, shorter windows at the ends); ``window`` <= 1: unchanged."""
+    import pandas as pd
+
+    series = pd.Series(values, dtype=float)
+    return series if window <= 1 else series.rolling(window, center=True, min_periods=1).mean()
