@@ -15,8 +15,10 @@ with its own steps, learning rates, log and checkpoint (``profile.pretrain["stag
                vision tower frozen, language model at a low learning rate (``lr_scale``).
 * ``instruct`` the instruction mixture: the tasks above, plus ``choice``: four-option multiple choice in the
                closed-world prompt format about attributes, genera and super-categories, never species, so the
-               model practises answering from the options it is given. Image -> species naming stays rare
-               (``naming``: ``naming_images`` fixed images per species): it knows, but cannot deploy.
+               model practises answering from the options it is given, and ``coarse_choice``: the closed-world
+               species question itself, but the three wrong options are of other genera (or other
+               super-categories), so the genus is enough to answer. Fine-grained image -> species naming stays
+               rare (``naming``: ``naming_images`` fixed images per species): it knows, but cannot deploy.
 
 Tasks of the language stages (``TASKS``):
 
@@ -26,7 +28,11 @@ Tasks of the language stages (``TASKS``):
 * ``knowledge`` text only: name -> field guide, field guide -> name, genus;
 * ``naming``    image -> species name, only from ``naming_images`` fixed images per species (weak naming);
 * ``reasoning`` text only: a field-guide description -> structured reasoning -> name;
-* ``choice``    image -> one of four options (an attribute value, a genus or a super-category).
+* ``choice``    image -> one of four options (an attribute value, a genus or a super-category);
+* ``coarse_choice`` image + an official species question -> one of four species, the only one of its genus
+                (the others: other genera of the super-category, or other super-categories). Without it the
+                model, which never saw a species offered as an option with an image, answered the closed-world
+                question with an attribute ("<answer>straight</answer>"): 0 % of its answers were an option.
 
 Images come from the ``pretrain`` pool, disjoint from the few-shot, RL and test pools. The batch of step ``s``
 of a stage is a pure function of (seed, stage, s), so a resumed run sees exactly the data an uninterrupted run
@@ -64,7 +70,7 @@ __all__ = ["STAGES", "TASKS", "make_example", "pretrain_batch", "pretrain", "cos
            "read_log", "ship_model", "stage_key", "parameter_groups", "pretrain_corpus"]
 
 STAGES = ("vision", "text", "align", "instruct")
-TASKS = ("caption", "attribute", "super", "knowledge", "naming", "reasoning", "choice")
+TASKS = ("caption", "attribute", "super", "knowledge", "naming", "reasoning", "choice", "coarse_choice")
 _FRESH = 10**6  # caption/attribute/super/choice images are drawn from pretrain-pool indices >= naming_images
 GENUS_QUESTION = "Which genus does this {word} belong to?"
 
@@ -100,6 +106,28 @@ def _choice_example(world: World, sp, rng: random.Random, image) -> ChatExample:
     return ChatExample(closed_world_prompt(question, options), format_answer(think, truth), image)
 
 
+def _coarse_choice_example(world: World, sp, rng: random.Random, image) -> ChatExample:
+    """The closed-world prompt with an official species question and four species: the true one and three of
+    other genera (half the time of other super-categories too), so perceiving the genus is enough."""
+    word = SUPER_CATEGORY_WORD[sp.super_category]
+    same_super = rng.random() < 0.5
+    pool = [s for s in world.species if s.genus != sp.genus and (s.super_category == sp.super_category) == same_super]
+    if len({s.genus for s in pool}) < 3:  # too few genera of this kind: any other genus
+        pool = [s for s in world.species if s.genus != sp.genus]
+    others, genera = [], set()
+    for s in rng.sample(pool, len(pool)):  # three distractors of three different genera
+        if s.genus not in genera:
+            others.append(s)
+            genera.add(s.genus)
+        if len(others) == 3:
+            break
+    options = [s.name for s in rng.sample([sp] + others, 4)]
+    feats = join_phrases([d.say(sp.attributes[d.name]) for d in SCHEMAS[sp.super_category].genus_dims])
+    think = f"This is {article(word)} {word} with {feats}, like every {sp.genus} {word}; the {sp.name} is the only {sp.genus} among the options."
+    question = rng.choice(question_templates(sp.super_category))
+    return ChatExample(closed_world_prompt(question, options), format_answer(think, sp.name), image)
+
+
 def make_example(world: World, task: str, rng: random.Random, naming_images: int = 2) -> ChatExample:
     """One pretraining example of ``task`` (see the module docstring)."""
     sp = rng.choice(world.species)
@@ -114,6 +142,8 @@ def make_example(world: World, task: str, rng: random.Random, naming_images: int
         return ChatExample(rng.choice(SUPER_PROMPTS), f"This is {article(word)} {word}.", fresh())
     if task == "choice":
         return _choice_example(world, sp, rng, fresh())
+    if task == "coarse_choice":
+        return _coarse_choice_example(world, sp, rng, fresh())
     if task == "naming":
         img = world.render(sp.name, "pretrain", rng.randrange(naming_images))
         prompts = NAME_PROMPTS + tuple(question_templates(sp.super_category))  # incl. the official questions

@@ -80,8 +80,8 @@ _PRETRAIN_STAGES = dict(
                mixture=dict(caption=0.6, attribute=0.3, super=0.1)),
     instruct=dict(steps=1500, batch_size=16, lr=5e-4, min_lr=5e-5, warmup=100,
                   train=dict(merger=1.0, language=1.0),
-                  mixture=dict(caption=0.18, attribute=0.1, super=0.02, choice=0.22, knowledge=0.2, naming=0.06,
-                               reasoning=0.22)),
+                  mixture=dict(caption=0.16, attribute=0.09, super=0.02, choice=0.18, coarse_choice=0.1,
+                               knowledge=0.18, naming=0.06, reasoning=0.21)),
 )
 PRETRAIN_MIXTURE = _PRETRAIN_STAGES["instruct"]["mixture"]
 

@@ -386,3 +386,24 @@ def test_a_tampered_training_state_is_refused(uninterrupted, tmp_path):
 def test_pretrain_without_settings_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no pretraining settings"):
         pretrain(profiles.PROFILES["qwen2.5-vl-3b"], tmp_path, progress=False)
+
+
+def test_coarse_choice_offers_the_true_species_as_the_only_one_of_its_genus(world):
+    """coarse_choice: the official species question with four species of four genera; the answer is the true
+    species (the genus is enough), so the model learns to answer from species options without fine naming."""
+    from finer1_lib.prompts import parse_response
+    from finer1_lib.protocol import question_templates
+
+    rng = random.Random(7)
+    same_super = 0
+    for _ in range(80):
+        ex = make_example(world, "coarse_choice", rng)
+        options = eval(ex.prompt.split("based on the options provided in ")[1].split(", output the thinking")[0])
+        answer = parse_response(ex.response)["answer"]
+        truth = world.get(answer)
+        assert ex.image is not None and len(options) == 4 and answer in options
+        assert len({world.get(o).genus for o in options}) == 4  # only the true species is of its genus
+        question = ex.prompt.removeprefix("Given the question: ").split(", based on the options")[0]
+        assert question in question_templates(truth.super_category)
+        same_super += all(world.get(o).super_category == truth.super_category for o in options)
+    assert 20 < same_super < 60  # about half: distractors of the same super-category, else of others
