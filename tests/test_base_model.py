@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from finer1_lib.benchmark import build_benchmark
-from finer1_lib.knowledge import base_model_metrics
+from finer1_lib.knowledge import base_model_metrics, target_table
 from finer1_lib.model import count_parameters, load_model
+from finer1_lib.pretrain import STAGES
 from finer1_lib.profiles import BASE_MODEL_DIR, PROFILES
 from finer1_lib.world import World
 
@@ -23,9 +24,19 @@ def test_shipped_model_is_small_and_described(shipped):
     size = sum(p.stat().st_size for p in BASE_MODEL_DIR.iterdir())
     assert size <= 50 * 2**20, f"data/base_model is {size / 2**20:.1f} MB (limit 50 MB)"
     assert count_parameters(model) == manifest["parameters"] <= 20_000_000
-    for key in ("world_seed", "steps", "mixture", "seed", "train_seconds", "command", "metrics"):
+    for key in ("world_seed", "steps", "stages", "seed", "train_seconds", "command", "metrics"):
         assert key in manifest, key
-    assert (BASE_MODEL_DIR / "pretrain_log.csv").read_text().splitlines()[-1].startswith(f"{manifest['steps']},")
+    assert list(manifest["stages"]) == list(STAGES)
+    assert manifest["steps"] == sum(s["steps"] for s in manifest["stages"].values())
+    for name, stage in manifest["stages"].items():  # each stage's log is shipped and ran to its last step
+        last = (BASE_MODEL_DIR / f"pretrain_log_{name}.csv").read_text().splitlines()[-1]
+        assert last.startswith(f"{stage['steps']},"), name
+
+
+def test_manifest_has_every_target_measure(shipped):
+    """The cpu-benchmark metrics cover every measure of BASE_MODEL_TARGETS, on both splits (none missing)."""
+    table = target_table(shipped[0]["metrics"]["cpu benchmark, seed 0"])
+    assert not table[["seen", "unseen"]].isna().any().any(), table
 
 
 def test_manifest_metrics_match_a_fresh_evaluation(shipped, tmp_path):
