@@ -269,14 +269,14 @@ OFFICIAL = [
 def test_read_official_stage1_layout(tmp_path):
     path = tmp_path / "Fine-R1-Stage1-data.json"
     path.write_text(json.dumps(OFFICIAL, indent=2))
-    a, b = read_sharegpt(path, image_root="/root", check_images=False)
+    a, b = read_sharegpt(path, image_root=tmp_path, check_images=False)
     assert a["prompt"] == "What is the birds name in this image?" and a["system"] == SFT_SYSTEM_PROMPT
     assert a["options"] == ["Laysan Albatross", "Black-footed Albatross", "Sooty Albatross", "Western Gull"]
     assert a["prediction"] == a["answer"] == "Laysan Albatross" and a["label"] is None
     assert a["analysis"].startswith("The bird has a white head") and "Western Gull" in a["comparison"]
     assert a["image_path"] == OFFICIAL[0]["images"][0]  # absolute: kept
     assert b["options"] == ["Maltese Dog", "Shih-Tzu", "Lhasa"] and b["answer"] == "Maltese Dog"
-    assert b["image_path"] == "/root/images/n02085936-Maltese_dog/y.jpg"
+    assert b["image_path"] == str(tmp_path / "images/n02085936-Maltese_dog/y.jpg")  # relative: under the root
 
 
 def _bad(tmp_path, rows, name="bad.json"):

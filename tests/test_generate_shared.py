@@ -16,13 +16,8 @@ from finer1_lib.profiles import BASE_MODEL_DIR
 from finer1_lib.prompts import tapo_prompt
 from finer1_lib.protocol import question_templates
 from finer1_lib.world import World
+from test_inference import CORPUS, _image  # the same tiny corpus and random images
 
-CORPUS = [
-    "The Marovi Talsek is a small bird with a red crest, striped wings and a blue breast.",
-    "The Marovi Dunel has a yellow crest and spotted wings; its beak is short.",
-    "What species is this bird? Describe the crest first. Answer with its name.",
-    "<think>The crest is red.</think><answer>Marovi Talsek</answer>",
-]
 GEN = dict(max_new_tokens=16, progress=False, return_scores=True)
 
 
@@ -31,11 +26,6 @@ def tiny():
     torch.set_num_threads(2)
     tokenizer = build_tokenizer(CORPUS)
     return build_tiny_model(tokenizer, "tiny-3m", seed=0).eval(), build_processor(tokenizer)
-
-
-def _image(seed, size=112):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 # two prompts of different lengths and image sizes (so the shared prefill pads one of them)
