@@ -4,10 +4,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from finer1_lib import inference
 from finer1_lib.inference import _vl_model, generate, rescore
