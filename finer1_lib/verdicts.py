@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 __all__ = ["REPRODUCED", "NOT_REPRODUCED", "INCONCLUSIVE", "seed_test", "paired_bootstrap", "t_interval",
-           "directional_verdict", "equivalence_verdict", "combine", "slope_ci", "flatness"]
+           "directional_verdict", "equivalence_verdict", "combine", "slope_ci", "flatness", "rate_noise", "versus"]
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
@@ -226,3 +226,32 @@ def flatness(rewards: Sequence[float], tolerance: float = 0.05, window: int = 5,
             "change_ci": (lo, hi), "state": state, "tolerance": tolerance,
             "first_smoothed": float(smooth[0]) if len(smooth) else float("nan"),
             "last_smoothed": float(smooth[-1]) if len(smooth) else float("nan")}
+
+
+def rate_noise(value: float, n: int, reference: float | None = None, n_ref: int | None = None,
+               z: float = 1.96) -> float:
+    """Half-width (in percentage points) of the noise band of a percentage measured on ``n`` test items.
+
+    The binomial standard error ``sqrt(p (1 - p) / n)`` of ``value`` (a percentage); with ``n_ref`` the
+    reference is measured too (e.g. the zero-shot model on other or the same images) and its variance is added
+    (unpaired: a conservative band for a paired comparison). ``reference`` without ``n_ref`` is a fixed
+    number (e.g. the paper's). For a score in [0, 100] that is not a rate (SS, Eq. 5) the binomial variance
+    is an upper bound of the true one, so the band errs on the wide side. Returns ``z`` standard errors."""
+    if n is None or n < 1:
+        return float("nan")
+    var = (value / 100) * (1 - value / 100) / n
+    if n_ref:
+        r = value if reference is None else reference
+        var += (r / 100) * (1 - r / 100) / n_ref
+    return 100 * z * math.sqrt(max(var, 0.0))
+
+
+def versus(value: float, reference: float, n: int, n_ref: int | None = None, z: float = 1.96) -> str:
+    """"above", "below" or "within noise": ``value`` (a percentage on ``n`` items) against ``reference``
+    (:func:`rate_noise` decides the band). For the notebooks' computed "What we saw" text."""
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (value, reference)):
+        return "not measured"
+    band = rate_noise(value, n, reference, n_ref, z)
+    if math.isnan(band) or abs(value - reference) <= band:
+        return "within noise"
+    return "above" if value > reference else "below"
