@@ -15,7 +15,7 @@ from .profiles import Profile, current_run_dir, get_profile
 from .records import REPO_ROOT
 
 __all__ = ["NOTEBOOKS_DIR", "notebook_paths", "add_result", "run_tutorial", "collect_report", "markdown_table",
-           "scrub_paths"]
+           "scrub_paths", "source"]
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -116,3 +116,32 @@ def markdown_table(frame, floatfmt: str = ".2f") -> str:
     for idx, row in zip(frame.index, frame.to_numpy(dtype=object).tolist()):  # iterrows would make ints floats
         lines.append("| " + " | ".join([fmt(idx)] + [fmt(v) for v in row]) + " |")
     return "\n".join(lines)
+
+
+def source(obj, docstring: str = "first line") -> str:
+    """The library's own source of a function or class, for a notebook to print where the algorithm is taught
+    (one copy of the code: the notebook shows what runs). ``docstring``: "full", "first line" (default: the
+    summary line only, the rest of the docstring replaced by "...") or "none"."""
+    import ast
+    import inspect
+    import textwrap
+
+    if docstring not in ("full", "first line", "none"):
+        raise ValueError(f"docstring must be 'full', 'first line' or 'none', got {docstring!r}")
+    text = textwrap.dedent(inspect.getsource(obj))
+    if docstring == "full":
+        return text
+    node = ast.parse(text).body[0]
+    first = node.body[0] if getattr(node, "body", None) else None
+    if not (isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant)
+            and isinstance(first.value.value, str)):
+        return text
+    lines = text.splitlines(keepends=True)
+    start, end = first.lineno - 1, first.end_lineno
+    indent = lines[start][:len(lines[start]) - len(lines[start].lstrip())]
+    keep = []
+    if docstring == "first line":
+        summary = first.value.value.strip().splitlines()[0].strip()
+        more = len(first.value.value.strip().splitlines()) > 1
+        keep = [f'{indent}"""{summary}{" ..." if more else ""}"""\n']
+    return "".join(lines[:start] + keep + lines[end:])

@@ -1,4 +1,4 @@
-"""verdicts.rate_noise / versus: the noise band behind the notebooks' computed "What we saw" text."""
+"""Helpers of the notebooks: verdicts.rate_noise / versus (the computed "What we saw" text) and tutorial.source."""
 import math
 
 from finer1_lib.verdicts import rate_noise, versus
@@ -19,3 +19,15 @@ def test_versus_reads_above_below_within():
     assert versus(float("nan"), 50.0, 100) == "not measured"
     # 0 % on few items is still below a large reference: the band at p = 0 is 0
     assert versus(0.0, 30.0, 10) == "below"
+
+
+def test_source_shows_the_code_with_a_short_docstring():
+    from finer1_lib.tapo import group_advantages
+    from finer1_lib.tutorial import source
+
+    full, short, bare = (source(group_advantages, d) for d in ("full", "first line", "none"))
+    assert full.startswith("def group_advantages(") and "Bessel" in full
+    assert "Bessel" not in short and '"""(r - mean) / (std + eps)' in short and short.rstrip().endswith(".tolist()")
+    assert '"""' not in bare and "r.std()" in bare
+    compile(short, "<source>", "exec")
+    compile(bare, "<source>", "exec")
