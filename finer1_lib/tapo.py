@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import processes
 from .inference import generate, rescore, token_kl_k3
 from .io import DataError, atomic_write_text, write_json
 from .metrics import accuracy_reward, reward
@@ -379,7 +380,9 @@ class TapoTrainer:
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.procs = processes()         # this process among those launched (one by default; distributed.py)
         self.cursor = 0                  # next triplet of the seeded stream
+        self._kept_cursors: list[int] = []  # the step's kept groups over all processes, in stream order
         self.start_step = 0
         self.elapsed = 0.0
         self._orders: dict[int, list[int]] = {}
@@ -435,40 +438,51 @@ class TapoTrainer:
                 k += 1
 
     def rollout(self, step: int) -> tuple[list[Group], dict]:
-        """Groups for one step with DAPO dynamic sampling; returns (kept groups, sampling stats)."""
-        cfg = self.cfg
-        kept, generated = [], []
-        rounds = 0
-        while len(kept) < cfg.prompts_per_step and rounds <= cfg.max_retries:
-            need = cfg.prompts_per_step - len(kept)
-            groups = [self._new_group(self.cursor + i) for i in range(need)]
+        """Groups for one step with DAPO dynamic sampling; returns (kept groups, sampling stats).
+
+        Several processes (``distributed.py``): each round's new triplets are dealt out round-robin, each process
+        generates its groups (seeded with its rank too), and all learn every group's accuracies, so that they
+        keep the same groups and stop when the global batch holds ``prompts_per_step``; the returned groups are
+        this process's kept ones, the stats are over every process's groups."""
+        cfg, procs = self.cfg, self.procs
+        kept, generated = [], []         # generated: (cursor, [(source, reward, accuracy, tokens)]) of every group
+        n_kept = rounds = 0
+        self._kept_cursors = []
+        while n_kept < cfg.prompts_per_step and rounds <= cfg.max_retries:
+            need = cfg.prompts_per_step - n_kept
+            groups = [self._new_group(c) for c in procs.share(list(range(self.cursor, self.cursor + need)))]
             self.cursor += need
-            self._rollout_round(groups, _stable_seed("tapo-generate", cfg.seed, step, rounds))
+            if groups:
+                rank = [procs.rank] if procs.world > 1 else []
+                self._rollout_round(groups, _stable_seed("tapo-generate", cfg.seed, step, rounds, *rank))
             rounds += 1
-            generated += groups
-            for g in groups:
-                if not cfg.dynamic_sampling or keep_group([r.accuracy for r in g.rollouts], cfg.filter_low,
-                                                          cfg.filter_high):
-                    kept.append(g)
+            seen = sorted(procs.gather([(g.cursor, [(r.source, r.reward, r.accuracy, len(r.token_ids))
+                                                    for r in g.rollouts]) for g in groups]), key=lambda x: x[0])
+            generated += seen
+            keep = {c for c, rs in seen if not cfg.dynamic_sampling
+                    or keep_group([r[2] for r in rs], cfg.filter_low, cfg.filter_high)}
+            kept += [g for g in groups if g.cursor in keep]
+            self._kept_cursors += sorted(keep)
+            n_kept += len(keep)
             if not cfg.dynamic_sampling:
                 break
-        if cfg.dynamic_sampling and 0 < len(kept) < cfg.prompts_per_step:
+        if cfg.dynamic_sampling and 0 < n_kept < cfg.prompts_per_step:
             msg = (f"TAPO step {step + 1}: dynamic sampling ran out of retries ({rounds - 1} of max_retries="
-                   f"{cfg.max_retries}): the step trains on {len(kept)} of {cfg.prompts_per_step} groups "
+                   f"{cfg.max_retries}): the step trains on {n_kept} of {cfg.prompts_per_step} groups "
                    f"({len(generated)} generated)")
             warnings.warn(msg)
             log.warning(msg)
         for g in kept:
             for r, a in zip(g.rollouts, group_advantages([r.reward for r in g.rollouts])):
                 r.advantage = a
-        every = [r for g in generated for r in g.rollouts]
-        anchors = [r.accuracy for r in every if r.source == "anchor"]
-        info = {"reward": float(np.mean([r.reward for r in every])),
-                "accuracy": float(np.mean([r.accuracy for r in every])),
+        every = [r for _, rs in generated for r in rs]
+        anchors = [acc for source, _, acc, _ in every if source == "anchor"]
+        info = {"reward": float(np.mean([r[1] for r in every])),
+                "accuracy": float(np.mean([r[2] for r in every])),
                 "accuracy_anchor": float(np.mean(anchors)) if anchors else float("nan"),
-                "response_len": float(np.mean([len(r.token_ids) for r in every])),
-                "retries": rounds - 1, "kept_groups": len(kept), "generated_groups": len(generated),
-                "kept_ratio": len(kept) / len(generated)}
+                "response_len": float(np.mean([r[3] for r in every])),
+                "retries": rounds - 1, "kept_groups": n_kept, "generated_groups": len(generated),
+                "kept_ratio": n_kept / len(generated)}
         return kept, info
 
     # ---------------------------------------------------------------- old-policy log-probs
@@ -489,9 +503,13 @@ class TapoTrainer:
         return out
 
     def _minibatches(self, groups: list[Group]) -> list[list[int]]:
-        """Group indices of the ``updates_per_batch`` minibatches (one optimizer step each)."""
-        n = min(self.cfg.updates_per_batch, len(groups))
-        return [part.tolist() for part in np.array_split(np.arange(len(groups)), n)]
+        """Group indices of the ``updates_per_batch`` minibatches (one optimizer step each). Several processes:
+        the global batch is split, and each process gets the indices of its own groups in each part."""
+        cursors = [g.cursor for g in groups] if self.procs.world == 1 else self._kept_cursors
+        mine = {g.cursor: i for i, g in enumerate(groups)}
+        n = min(self.cfg.updates_per_batch, len(cursors))
+        parts = np.array_split(np.arange(len(cursors)), n)
+        return [[mine[cursors[j]] for j in part if cursors[j] in mine] for part in parts]
 
     def _micro_batches(self, groups: list[Group], part: list[int]) -> list[list[tuple]]:
         """The (group, rollout) rows of one minibatch in micro-batches of whole groups: about
@@ -572,6 +590,8 @@ class TapoTrainer:
         for part in self._minibatches(groups):
             rows = [(groups[i], r) for i in part for r in groups[i].rollouts]
             n_tokens = sum(len(r.token_ids) for _, r in rows)
+            if self.procs.world > 1:  # the token mean is over the global minibatch
+                n_tokens = int(self.procs.all_sum([n_tokens])[0])
             if n_tokens == 0:
                 continue  # only empty responses: nothing to learn from
             self.opt.zero_grad(set_to_none=True)
@@ -596,6 +616,10 @@ class TapoTrainer:
                 for k, v in s.items():
                     w = 1.0 if k in ("loss", "pg_loss", "tokens") else s["tokens"] / n_tokens
                     acc[k] = acc.get(k, 0.0) + w * v
+            if self.procs.world > 1:  # each process's part of the token sums: the global ones are their sum
+                self.procs.sum_grads(self.params)
+                keys = [k for k in _STAT_KEYS if cfg.uses_negative or k not in ("kl", "entropy_neg")]
+                acc = dict(zip(keys, self.procs.all_sum([acc.get(k, 0.0) for k in keys])))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             if torch.isfinite(grad_norm):
                 self.opt.step()
@@ -620,11 +644,11 @@ class TapoTrainer:
         groups, info = self.rollout(step)
         _sync()
         t1 = time.perf_counter()
-        if groups:
+        if info["kept_groups"]:  # over all processes: one with no group of its own still joins the update
             self._old_logprobs(groups)
         _sync()
         t2 = time.perf_counter()
-        if groups:
+        if info["kept_groups"]:
             upd, skipped = self._update(groups), 0
         else:  # dynamic sampling found no informative group in max_retries rounds: no update this step
             upd = {k: float("nan") for k in ("loss", "kl", "entropy", "entropy_neg", "clip_frac", "grad_norm")}
@@ -635,8 +659,9 @@ class TapoTrainer:
             log.warning(msg)
         _sync()
         t3 = time.perf_counter()
-        return {"step": step + 1, **info, **upd, "skipped": skipped, "seconds": t3 - t0,
-                "t_generate": t1 - t0, "t_rescore": t2 - t1, "t_update": t3 - t2}
+        row = {"step": step + 1, **info, **upd, "skipped": skipped, "seconds": t3 - t0,
+               "t_generate": t1 - t0, "t_rescore": t2 - t1, "t_update": t3 - t2}
+        return self.procs.broadcast(row)  # the main process's timings: every process logs the same row
 
     # ---------------------------------------------------------------- checkpoints
     def _ckpt(self) -> Path:
@@ -645,7 +670,10 @@ class TapoTrainer:
     def save_checkpoint(self, step: int) -> None:
         """Model + trainer state to ``out/checkpoint``, never losing the previous checkpoint on the way: both are
         written to ``.checkpoint.new``, the old folder is moved to ``.checkpoint.old`` and the new one renamed
-        into place; only then is the old one deleted (``load_checkpoint`` finishes an interrupted swap)."""
+        into place; only then is the old one deleted (``load_checkpoint`` finishes an interrupted swap). Several
+        processes: the main one writes (the replicas are identical; nothing in the state is per process)."""
+        if not self.procs.main:
+            return
         ckpt = self._ckpt()
         new, old = _ckpt_aside(ckpt, "new"), _ckpt_aside(ckpt, "old")
         _recover_checkpoint(ckpt)
@@ -673,18 +701,19 @@ class TapoTrainer:
         if not self.out:
             return False
         ckpt = self._ckpt()
-        _recover_checkpoint(ckpt)
-        state = None
-        for folder in (ckpt, _ckpt_aside(ckpt, "old")):
-            path = folder / _STATE
-            if not path.is_file():
-                continue
-            state = _load_state(path)
-            if state is not None:
-                if folder != ckpt:  # the previous checkpoint is the last complete one: put it back in place
-                    shutil.rmtree(ckpt, ignore_errors=True)
-                    os.replace(folder, ckpt)
-                break
+        with self.procs.main_first():  # the main process repairs the folder, then the others read it
+            _recover_checkpoint(ckpt)
+            state = None
+            for folder in (ckpt, _ckpt_aside(ckpt, "old")):
+                path = folder / _STATE
+                if not path.is_file():
+                    continue
+                state = _load_state(path)
+                if state is not None:
+                    if folder != ckpt:  # the previous checkpoint is the last complete one: put it back in place
+                        shutil.rmtree(ckpt, ignore_errors=True)
+                        os.replace(folder, ckpt)
+                    break
         if state is None:
             return False
         changed = {k for k, v in state["cfg"].items() if getattr(self.cfg, k, None) != v}
@@ -703,13 +732,14 @@ class TapoTrainer:
 
     # ---------------------------------------------------------------- loop
     def train(self, progress: bool = True) -> dict:
-        """Run (or resume) ``cfg.steps`` steps; returns a summary (also ``out/tapo.json``)."""
-        cfg = self.cfg
+        """Run (or resume) ``cfg.steps`` steps; returns a summary (also ``out/tapo.json``). Several processes:
+        the main one writes the log, checkpoints and model; every one returns the same summary."""
+        cfg, main = self.cfg, self.procs.main
         log = self.out / "tapo_log.csv" if self.out else None
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.load_checkpoint()
-        if log is not None:
+        if log is not None and main:
             if resumed and log.is_file():  # drop rows logged after the checkpoint: they are redone
                 lines = log.read_text().splitlines(keepends=True)
                 keep = [ln for ln in lines[1:] if int(ln.split(",")[0]) <= self.start_step]
@@ -720,12 +750,12 @@ class TapoTrainer:
             torch.manual_seed(cfg.seed)
         rows = []
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps, desc="tapo",
-                   disable=not progress)
+                   disable=not progress or not main)
         for step in bar:
             row = self.step(step)
             self.elapsed += row["seconds"]
             rows.append(row)
-            if log is not None:
+            if log is not None and main:
                 with open(log, "a", newline="") as f:
                     csv.writer(f).writerow([_fmt(row.get(c)) for c in LOG_COLUMNS])
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
@@ -739,13 +769,17 @@ class TapoTrainer:
             summary.update({f"mean_{k}": float(np.nanmean([r[k] for r in rows]))
                             for k in ("t_generate", "t_rescore", "t_update", "seconds")})
         if self.out:
-            save_model(self.model, self.processor, self.out / "model")
             summary["log"] = str(log)
-            write_json(self.out / "tapo.json", summary)
+            if main:
+                save_model(self.model, self.processor, self.out / "model")
+                write_json(self.out / "tapo.json", summary)
+            self.procs.barrier()  # no process returns before the model is on disk
         return summary
 
 
 _STATE = "trainer_state.pt"
+#: The statistics of ``tapo_loss`` that ``_update`` adds up over micro-batches (and processes).
+_STAT_KEYS = ("loss", "pg_loss", "tokens", "kl", "entropy", "entropy_neg", "ppo_kl", "clip_frac", "dual_clip_frac")
 
 
 def _ckpt_aside(ckpt: Path, kind: str) -> Path:
