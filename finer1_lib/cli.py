@@ -107,9 +107,22 @@ def _sft(args) -> int:
 
 @stage("tapo", "stage 2: TAPO (§4.3) or a variant from the CoT-SFT model; --ablation / --ratios: Fig. 3c / Table 3a")
 def _tapo(args) -> int:
+    from .distributed import prepare_tapo, processes
     from .pipeline import run_tapo, tapo_ablation, tapo_ratios
 
     seeds = args.seeds or [args.seed]
+    procs = processes()  # under `accelerate launch`: the process group, before any model is loaded
+    if procs.world > 1:  # one TAPO run, data-parallel (distributed.py); the tables need one process
+        if args.ablation or args.ratios or len(seeds) > 1:
+            raise ValueError(f"accelerate launch runs one TAPO run at a time ({procs.world} processes): pass one "
+                             f"--seed and --variant, without --ablation / --ratios / --seeds; evaluate with one "
+                             f"process afterwards (`python -m finer1_lib evaluate`)")
+        prepare_tapo(args.profile, args.out or None, seeds[0], args.variant, args.n1, args.n2)
+        summary = run_tapo(args.profile, args.out or None, seeds[0], args.variant, n1=args.n1, n2=args.n2,
+                           progress=procs.main)
+        if procs.main:
+            print(json.dumps({k: v for k, v in summary.items() if k != "cfg"}, indent=1))
+        return 0
     if args.ablation or args.ratios:
         fn = tapo_ablation if args.ablation else tapo_ratios
         print(fn(args.profile, args.out or None, seeds=seeds, progress=True).to_string())
@@ -158,6 +171,16 @@ def _reproduce(args) -> int:
     from .reproduce import main_args
 
     return main_args(args)
+
+
+@stage("export", "write the run's triplets, CoT set and eval sets in the official stack's formats (read back)")
+def _export(args) -> int:
+    from .export import export_run
+
+    written = export_run(args.profile, args.runs or None, args.seed, args.format, args.out or None)
+    for fmt, files in written.items():
+        print(f"{fmt}: " + ", ".join(str(f) for f in files))
+    return 0
 
 
 @stage("tutorial", "run the notebooks in order, writing executed copies, figures/ and a results report")
@@ -253,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-analysis", action="store_true", help="skip H1-H3")
             p.add_argument("--dry-run", "--plan", action="store_true", dest="dry_run",
                            help="print the runs, which are cached, and an estimated time; run nothing")
+        if name == "export":
+            from .export import FORMATS
+
+            p.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
+                           help="official-rl: TAPO records (images, problem, answer, image_noisy = positive, "
+                                "image_aug = negative); sharegpt: the CoT SFT set for LLaMA-Factory; eval-jsonl: "
+                                "the eval sets (default: all three, one folder each under --out)")
+            p.add_argument("--runs", default="", help="the run folder holding benchmark-seed<S> and cot-seed<S> "
+                           "(default: data/runs/<profile>); --out defaults to <runs>/export-seed<S>")
         if name == "tutorial":
             p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 00 01")
     return parser

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-__all__ = ["Processes", "processes"]
+__all__ = ["Processes", "processes", "prepare_tapo"]
 
 
 class Processes:
@@ -122,3 +122,30 @@ def processes() -> Processes:
     if _PROCESSES is None:
         _PROCESSES = Processes()
     return _PROCESSES
+
+
+def prepare_tapo(profile, out, seed: int, variant: str, n1: int | None, n2: int | None) -> None:
+    """Under a launcher, before every process calls ``pipeline.run_tapo``: the main process readies what they
+    all then reuse (the benchmark, and the run folder claimed once, so that no two processes create or park it
+    at the same time). The CoT-SFT model must be finished already: training it here would keep the other
+    processes waiting at a barrier that gives up after minutes; a DataError says how to train it first."""
+    from .config import claim_run_folder, read_run_info
+    from .io import DataError
+    from .pipeline import _run_dir, _tapo_folder, get_benchmark, sft_key, tapo_config, tapo_key
+
+    procs = processes()
+    with procs.main_first():
+        if not procs.main:
+            return
+        bench = get_benchmark(profile, out, seed)
+        sft = _run_dir(profile, out) / f"sft-cot-seed{seed}"
+        if not ((sft / "sft.json").is_file() and (sft / "model").is_dir()
+                and (read_run_info(sft) or {}).get("key") == sft_key(profile, out, seed, "cot")):
+            raise DataError(f"{sft}: no finished CoT-SFT run of these settings; TAPO on {procs.world} processes "
+                            f"starts from one: train it first (`python -m finer1_lib sft --profile {profile.name} "
+                            f"--seed {seed}`, which accelerate launch also runs on several GPUs), then relaunch")
+        ratio = {k: v for k, v in (("n1", n1), ("n2", n2)) if v is not None}
+        cfg = tapo_config(profile, seed, variant, n_triplets=len(bench.triplets), **ratio)
+        claim_run_folder(_run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2),
+                         tapo_key(profile, out, seed, variant, n1, n2),
+                         {"stage": "tapo", "variant": variant, "config": cfg.to_dict()})
