@@ -142,8 +142,8 @@ def prepare_tapo(profile, out, seed: int, variant: str, n1: int | None, n2: int 
         if not ((sft / "sft.json").is_file() and (sft / "model").is_dir()
                 and (read_run_info(sft) or {}).get("key") == sft_key(profile, out, seed, "cot")):
             raise DataError(f"{sft}: no finished CoT-SFT run of these settings; TAPO on {procs.world} processes "
-                            f"starts from one: train it first (`python -m finer1_lib sft --profile {profile.name} "
-                            f"--seed {seed}`, which accelerate launch also runs on several GPUs), then relaunch")
+                            f"starts from one: train it first with one process (`python -m finer1_lib sft "
+                            f"--profile {profile.name} --seed {seed}`), then relaunch")
         ratio = {k: v for k, v in (("n1", n1), ("n2", n2)) if v is not None}
         cfg = tapo_config(profile, seed, variant, n_triplets=len(bench.triplets), **ratio)
         claim_run_folder(_run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2),
