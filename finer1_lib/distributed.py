@@ -33,12 +33,16 @@ import torch
 __all__ = ["Processes", "processes", "prepare_tapo"]
 
 
+#: Where launchers put the number of processes: torchrun (``accelerate launch --multi_gpu``), MPI implementations.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 class Processes:
     """This process's place among the launched ones (``rank`` of ``world``)."""
 
     def __init__(self):
         self.rank, self.world, self.state = 0, 1, None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun (accelerate launch --multi_gpu, ...)
+        if max(int(os.environ.get(k, "1")) for k in _WORLD_SIZE_VARS) > 1:  # set by the launcher
             from accelerate import PartialState
 
             # PartialState reads the launcher's environment, starts the process group (nccl on GPUs, gloo on
