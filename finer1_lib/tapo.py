@@ -367,7 +367,9 @@ class TapoTrainer:
     ``out_dir`` receives ``checkpoint/`` (model + trainer_state.pt: step, triplet cursor, optimizer, RNG),
     ``tapo_log.csv`` (one row per step, ``LOG_COLUMNS``), ``tapo.json`` (summary) and ``model/`` (final).
     Rerunning with the same ``out_dir`` resumes from the checkpoint. ``out_dir=None`` writes nothing
-    (benchmarks); ``step(s)`` runs one step and returns its log row.
+    (benchmarks); ``step(s)`` runs one step and returns its log row. Under ``accelerate launch --num_processes N``
+    the same trainer runs data-parallel (``distributed.py``: groups dealt out to processes, global batch, loss and
+    gradients as one process's); one process, the default, is unchanged.
     """
 
     def __init__(self, model, processor, bench, cfg: TapoConfig | None = None, out_dir=None):
