@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from .records import SUPER_CATEGORIES, SUPER_CATEGORY_WORD, ImageRecord
 
 # Image pools. Disjoint by construction: the pool id is part of every image's seed.
-POOLS = {"pretrain": 0, "train": 1, "rl": 2, "test": 3, "reference": 4}
+POOLS = {"pretrain": 0, "train": 1, "rl": 2, "test": 3, "reference": 4, "val": 5}
 
 COLOURS = {
     "red": (205, 35, 35), "blue": (35, 75, 210), "yellow": (240, 210, 30), "black": (25, 25, 25),

@@ -314,7 +314,7 @@ def test_taxonomy_is_json_and_lists_all_species(world):
 
 # ------------------------------------------------------------------------------------------------ pools
 def test_pools_have_distinct_ids():
-    assert set(POOLS) == {"pretrain", "train", "rl", "test", "reference"}
+    assert set(POOLS) == {"pretrain", "train", "rl", "test", "reference", "val"}
     assert len(set(POOLS.values())) == len(POOLS)
 
 
