@@ -17,7 +17,7 @@ from .profiles import get_profile, profile_names
 
 #: The settings dict that a bare ``--set key=value`` of a command changes.
 SET_STAGE = {"concepts": "concepts", "cot": "cot", "sft": "sft", "tapo": "tapo", "evaluate": "eval",
-             "analyze": "eval", "reproduce": "tapo"}
+             "analyze": "eval", "reproduce": "tapo", "validate": "sft"}
 
 STAGES: dict[str, tuple[str, callable]] = {}
 
@@ -173,6 +173,22 @@ def _reproduce(args) -> int:
     return main_args(args)
 
 
+@stage("validate", "issue 19: SFT variants on fresh validation renders (never the test images); a table per variant")
+def _validate(args) -> int:
+    from .validation import parse_variant, validate_sft
+
+    variants = [parse_variant(v) for v in (args.grid or ["default"])]
+    table = validate_sft(args.profile, args.out or None, args.seed, variants, data=args.data,
+                         per_class=args.per_class, modes=args.modes, progress=True)
+    print(table.T.to_string())
+    if args.csv:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(args.csv), table.to_csv())
+        print(f"table written to {args.csv}")
+    return 0
+
+
 @stage("export", "write the run's triplets, CoT set and eval sets in the official stack's formats (read back)")
 def _export(args) -> int:
     from .export import export_run
@@ -276,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-analysis", action="store_true", help="skip H1-H3")
             p.add_argument("--dry-run", "--plan", action="store_true", dest="dry_run",
                            help="print the runs, which are cached, and an estimated time; run nothing")
+        if name == "validate":
+            p.add_argument("--grid", nargs="+", metavar="K=V[,K=V]", help="SFT variants, each a comma-separated "
+                           "list of sft settings ('default': the profile's own); default: the profile's own")
+            p.add_argument("--data", choices=["cot", "direct"], default="cot", help="CoT SFT or direct-answer SFT")
+            p.add_argument("--per-class", type=int, default=3, help="validation renders per class")
+            p.add_argument("--modes", nargs="+", choices=["closed", "open"], default=["closed"],
+                           help="evaluation modes (default: closed world)")
+            p.add_argument("--csv", default="", help="also write the table to this CSV file")
         if name == "export":
             from .export import FORMATS
 

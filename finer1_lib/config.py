@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 STAGES = ("concepts", "cot", "sft", "tapo", "eval")
 
 #: SFT settings that no profile needs to set (they default to off); every other key comes from the profile.
-SFT_OPTIONAL = {"max_steps": None, "lora": None, "gradient_checkpointing": False}
+SFT_OPTIONAL = {"max_steps": None, "lora": None, "gradient_checkpointing": False, "replay_tasks": None}
 
 
 def stage_keys(stage: str, profile=None) -> set[str]:

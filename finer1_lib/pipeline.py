@@ -249,7 +249,7 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     examples = examples_from_samples(samples, bench.image)
     if cfg.get("replay") and profile.world == "micro":
         examples += replay_examples(World(profile.world_seed, profile.image_size, profile.n_genera),
-                                    round(cfg["replay"] * len(examples)), seed)
+                                    round(cfg["replay"] * len(examples)), seed, tasks=cfg.get("replay_tasks"))
     model, processor = load_base_model(profile, train=True, lora=bool(cfg.get("lora")))
     if cfg.get("lora"):
         from .model import _wrap_lora

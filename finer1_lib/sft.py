@@ -59,12 +59,24 @@ def examples_from_samples(samples: Sequence[dict], load_image: Callable[[str], o
     return out
 
 
-def replay_examples(world, n: int, seed: int = 0, naming_images: int = 2) -> list[ChatExample]:
-    """``n`` pretraining examples (perception + knowledge) mixed into SFT to limit forgetting (a stated choice)."""
-    from .pretrain import make_example
+#: The replay mixture when the ``replay_tasks`` setting is unset: perception, knowledge and text reasoning.
+REPLAY_TASKS = {"caption": 0.4, "knowledge": 0.4, "reasoning": 0.2}
 
+
+def replay_examples(world, n: int, seed: int = 0, naming_images: int = 2,
+                    tasks: dict | None = None) -> list[ChatExample]:
+    """``n`` pretraining examples mixed into SFT to limit forgetting (a stated choice). ``tasks``: task -> weight
+    over the pretraining tasks (``pretrain.TASKS``; default :data:`REPLAY_TASKS`)."""
+    from .pretrain import TASKS, make_example
+
+    tasks = dict(tasks or REPLAY_TASKS)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks or any(not isinstance(w, (int, float)) or w < 0 for w in tasks.values()) \
+            or sum(tasks.values()) <= 0:
+        raise ValueError(f"bad sft setting replay_tasks={tasks!r}: expected task -> weight >= 0 (not all 0) over "
+                         f"{', '.join(TASKS)}" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     rng = random.Random(f"replay-{seed}")
-    tasks = rng.choices(["caption", "knowledge", "reasoning"], weights=[0.4, 0.4, 0.2], k=n)
+    tasks = rng.choices(list(tasks), weights=list(tasks.values()), k=n)
     return [make_example(world, t, rng, naming_images) for t in tasks]
 
 

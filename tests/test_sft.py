@@ -159,6 +159,19 @@ def test_replay_examples_are_deterministic():
     a = sft.replay_examples(WORLD, 6, seed=1)
     b = sft.replay_examples(WORLD, 6, seed=1)
     assert [(x.prompt, x.response) for x in a] == [(x.prompt, x.response) for x in b]
+    # the default mixture is REPLAY_TASKS: passing it explicitly draws the same examples
+    c = sft.replay_examples(WORLD, 6, seed=1, tasks=sft.REPLAY_TASKS)
+    assert [(x.prompt, x.response) for x in a] == [(x.prompt, x.response) for x in c]
+
+
+def test_replay_tasks_choose_the_mixture_and_bad_ones_are_named():
+    only_choice = sft.replay_examples(WORLD, 8, seed=0, tasks={"choice": 1.0})
+    assert all(x.image is not None and "options" in x.prompt.lower() for x in only_choice)
+    only_text = sft.replay_examples(WORLD, 8, seed=0, tasks={"knowledge": 1.0, "reasoning": 1.0})
+    assert all(x.image is None for x in only_text)
+    for bad in ({"spelling": 1.0}, {"choice": -1.0}, {"choice": 0.0}):
+        with pytest.raises(ValueError, match="replay_tasks"):
+            sft.replay_examples(WORLD, 2, seed=0, tasks=bad)
 
 
 def test_save_false_writes_no_model_and_qlora_saves_its_adapter(processor, tmp_path):
