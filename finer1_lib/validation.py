@@ -13,6 +13,7 @@ closing ``</answer>`` (cut off by ``max_new_tokens``), open-world TI.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,7 @@ from .io import atomic_write_bytes, atomic_write_text
 from .profiles import get_profile
 from .protocol import eval_records
 
-__all__ = ["validation_rows", "option_rate", "validation_summary", "validate_model", "validate_sft",
+__all__ = ["validation_rows", "option_rate", "cot_structured", "options_copied", "COT_TAGS", "validation_summary", "validate_model", "validate_sft",
            "parse_variant"]
 
 
@@ -66,15 +67,43 @@ def option_rate(df: pd.DataFrame, rows: list[dict]) -> pd.Series:
     return closed.apply(lambda x: _norm(x["prediction"]) in options[x["image_id"]], axis=1)
 
 
+#: The four parts of a Table 5 rationale, in order.
+COT_TAGS = ("analysis", "options", "comparison", "prediction")
+
+
+def cot_structured(df: pd.DataFrame) -> pd.Series:
+    """Per closed-world row: whether the answer holds the four rationale parts of Table 5, each opened and closed,
+    in order (visual analysis, candidates, comparison, prediction)."""
+    pattern = re.compile("".join(rf"<{t}>.*?</{t}>.*?" for t in COT_TAGS), re.S)
+    closed = df[df["mode"] == "closed"]
+    return closed["output"].map(lambda text: bool(pattern.search(str(text))))
+
+
+def options_copied(df: pd.DataFrame, rows: list[dict]) -> pd.Series:
+    """Per closed-world row: whether the rationale's ``<options>`` block names all four given options (what a
+    model that reads the prompt's options does; the CoT SFT set has no options in its prompts)."""
+    options = {r.get("image_id", r["image_path"]): [_norm(o) for o in r["options"]] for r in rows}
+    closed = df[df["mode"] == "closed"]
+
+    def copied(x) -> bool:
+        m = re.search(r"<options>(.*?)</options>", str(x["output"]), re.S)
+        return bool(m) and all(o in _norm(m.group(1)) for o in options[x["image_id"]])
+    return closed.apply(copied, axis=1)
+
+
 def validation_summary(df: pd.DataFrame, rows: list[dict]) -> dict:
-    """Percentages per split: closed-world accuracy, in-options, well-formed, cut off; open-world TI."""
+    """Percentages per split: closed-world accuracy, answers in the options, well-formed, cut off (no
+    ``</answer>``), Table 5 structure, options copied into the rationale; open-world TI."""
     out = {}
-    closed = df[df["mode"] == "closed"].assign(in_options=option_rate(df, rows))
+    closed = df[df["mode"] == "closed"].assign(in_options=option_rate(df, rows),
+                                               copied=options_copied(df, rows), structured=cot_structured(df))
     for which, g in closed.groupby("split"):
         out[f"closed acc {which}"] = 100 * g["correct"].astype(float).mean()
         out[f"in options {which}"] = 100 * g["in_options"].astype(float).mean()
         out[f"well-formed {which}"] = 100 * g["well_formed"].astype(float).mean()
         out[f"cut off {which}"] = 100 * (~g["output"].str.contains("</answer>", regex=False)).mean()
+        out[f"CoT structure {which}"] = 100 * g["structured"].astype(float).mean()
+        out[f"options copied {which}"] = 100 * g["copied"].astype(float).mean()
         out[f"n {which}"] = len(g)
     for which, g in df[df["mode"] == "open"].groupby("split"):
         out[f"open TI {which}"] = 100 * g["correct"].astype(float).mean()

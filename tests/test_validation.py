@@ -6,7 +6,7 @@ import pytest
 from finer1_lib import profiles
 from finer1_lib.benchmark import build_benchmark
 from finer1_lib.cli import main
-from finer1_lib.validation import option_rate, parse_variant, validate_sft, validation_rows, validation_summary
+from finer1_lib.validation import cot_structured, option_rate, options_copied, parse_variant, validate_sft, validation_rows, validation_summary
 from finer1_lib.world import World
 
 SMALL = profiles.PROFILES["smoke"].replace(super_categories=("bird", "car"), test_per_class=1, rl_per_class=1,
@@ -58,10 +58,24 @@ def test_summary_counts_answers_outside_the_options():
          "well_formed": True, "output": "<answer>Red Finch</answer>"},
     ])
     assert option_rate(df, rows).tolist() == [True, False]
+    assert cot_structured(df).tolist() == [False, False]
+    assert options_copied(df, rows).tolist() == [False, False]
     s = validation_summary(df, rows)
     assert s["closed acc seen"] == 50.0 and s["in options seen"] == 50.0
     assert s["well-formed seen"] == 50.0 and s["cut off seen"] == 50.0
     assert s["open TI seen"] == 100.0 and s["n seen"] == 2
+    assert s["CoT structure seen"] == 0.0 and s["options copied seen"] == 0.0
+
+
+def test_structure_and_copied_options():
+    rows = [{"image_id": "a", "image_path": "a.png", "options": ["Red Finch", "Blue Finch", "X Y", "Z"]}]
+    full = ("<think><analysis>red wings</analysis><options>Blue Finch, Red Finch, x y, Z</options>"
+            "<comparison>...</comparison><prediction>Red Finch</prediction></think><answer>Red Finch</answer>")
+    partial = "<think><analysis>red</analysis><options>Red Finch, Blue Finch</options></think><answer>Red Finch</answer>"
+    swapped = full.replace("<analysis>red wings</analysis>", "").replace("</comparison>", "</comparison><analysis>a</analysis>")
+    df = pd.DataFrame([{"image_id": "a", "mode": "closed", "output": t} for t in (full, partial, swapped)])
+    assert cot_structured(df).tolist() == [True, False, False]
+    assert options_copied(df, rows).tolist() == [True, False, True]
 
 
 def test_parse_variant():
