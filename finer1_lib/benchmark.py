@@ -46,6 +46,11 @@ class Benchmark:
     eval_rows: list[dict]
     info: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # absolute: paths joined to the root elsewhere (read_sharegpt's image_root) must not be joined to it again
+        # when the folder was given relative to the working directory (`--out runs/x`)
+        self.root = Path(self.root).resolve()
+
     @property
     def train(self) -> list[ImageRecord]:
         return self.records["train"]

@@ -156,6 +156,26 @@ def test_same_seed_is_byte_identical_and_other_seed_changes_the_split(micro, tmp
     assert json.loads((tmp_path / "seed1" / "benchmark.json").read_text())["seed"] == 1
 
 
+def test_a_relative_benchmark_folder_reads_its_images_through_the_sft_set(micro, tmp_path, monkeypatch):
+    """`--out runs/x`: the root is made absolute, so an image path joined to it (read_sharegpt's image_root) is
+    not joined to it a second time."""
+    import shutil
+
+    from finer1_lib.cot import read_sharegpt
+
+    shutil.copytree(micro.root, tmp_path / "rel" / "bench")
+    monkeypatch.chdir(tmp_path)
+    bench = load_benchmark("rel/bench")
+    assert bench.root.is_absolute() and bench.root == (tmp_path / "rel" / "bench").resolve()
+    rec = bench.train[0]
+    record = {"messages": [{"role": "user", "content": "<image>What is this?"},
+                           {"role": "assistant", "content": "<think>x</think><answer>y</answer>"}],
+              "images": [rec.path]}
+    (tmp_path / "set.json").write_text(json.dumps([record]))
+    (back,) = read_sharegpt(tmp_path / "set.json", image_root=bench.root)
+    assert bench.image(back["image_path"]).size == bench.image(rec).size
+
+
 def test_load_benchmark_on_an_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="benchmark.json") as info:
         load_benchmark(tmp_path)
