@@ -123,6 +123,16 @@ def _real_records(profile: Profile, seed: int) -> tuple[dict, dict[str, list[Ima
     return split, out
 
 
+def render_missing(world: World, records, root: Path, progress: bool = False, desc: str = "render") -> None:
+    """Write each micro-world record's image under ``root`` (PNG, atomically) unless it is already there."""
+    for r in tqdm(records, desc=desc, disable=not progress):
+        path = Path(root) / r.path
+        if not path.is_file():
+            buf = io.BytesIO()
+            world.render(r.label, r.partition, r.meta["index"]).save(buf, format="PNG")
+            atomic_write_bytes(path, buf.getvalue())
+
+
 def build_benchmark(profile: Profile | str | None = None, out: str | Path | None = None, seed: int = 0,
                     embed_fn: Callable | None = None, progress: bool = True) -> Benchmark:
     """Build (and write to ``out``) the benchmark of ``profile`` for run seed ``seed``.
@@ -140,13 +150,7 @@ def build_benchmark(profile: Profile | str | None = None, out: str | Path | None
         split = {sc: split_classes([s.name for s in world.species_of(sc)], profile.seen_frac, seed, salt=sc)
                  for sc in profile.super_categories}
         records = _micro_records(profile, split, world)
-        todo = [r for role in ROLES for r in records[role]]
-        for r in tqdm(todo, desc="render", disable=not progress):
-            path = out / r.path
-            if not path.is_file():
-                buf = io.BytesIO()
-                world.render(r.label, r.partition, r.meta["index"]).save(buf, format="PNG")
-                atomic_write_bytes(path, buf.getvalue())
+        render_missing(world, [r for role in ROLES for r in records[role]], out, progress)
         write_json(out / "taxonomy.json", world.taxonomy())
     elif profile.world == "real":
         split, records = _real_records(profile, seed)

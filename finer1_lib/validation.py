@@ -12,16 +12,15 @@ closing ``</answer>`` (cut off by ``max_new_tokens``), open-world TI.
 """
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
 import pandas as pd
 
 from .config import digest
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_text
 from .profiles import get_profile
-from .protocol import eval_records
+from .protocol import check_disjoint, eval_records
 
 __all__ = ["validation_rows", "option_rate", "cot_structured", "options_copied", "COT_TAGS", "validation_summary", "validate_model", "validate_sft",
            "parse_variant"]
@@ -31,8 +30,7 @@ def validation_rows(bench, profile=None, per_class: int = 3, seed: int = 0, prog
     """Eval rows on ``per_class`` fresh ``val`` renders of every benchmark class (seen and unseen), rendered
     into ``bench.root / images/val`` on first use. Micro world only: the real datasets have no such pool here
     (hold out part of a dataset's training images instead)."""
-    from tqdm.auto import tqdm
-
+    from .benchmark import render_missing
     from .world import World
 
     profile = get_profile(profile)
@@ -44,15 +42,8 @@ def validation_rows(bench, profile=None, per_class: int = 3, seed: int = 0, prog
     world = World(profile.world_seed, profile.image_size, profile.n_genera)
     labels = [lab for sc in sorted(bench.split) for which in ("seen", "unseen") for lab in bench.split[sc][which]]
     records = [world.record(lab, "val", i) for lab in labels for i in range(per_class)]
-    for r in tqdm(records, desc="render val", disable=not progress):
-        path = bench.root / r.path
-        if not path.is_file():
-            buf = io.BytesIO()
-            world.render(r.label, "val", r.meta["index"]).save(buf, format="PNG")
-            atomic_write_bytes(path, buf.getvalue())
-    test_ids = {r.image_id for r in bench.test}
-    if test_ids & {r.image_id for r in records}:
-        raise AssertionError("validation images overlap the test images")
+    check_disjoint(test=bench.test, val=records)
+    render_missing(world, records, bench.root, progress, desc="render val")
     return eval_records(records, bench.similarity, bench.split, seed)
 
 
@@ -124,9 +115,9 @@ def validate_model(model, processor, bench, rows: list[dict], profile, cache: Pa
 
 
 def parse_variant(text: str) -> dict:
-    """``"epochs=5,lr=1e-4"`` -> {"epochs": 5, "lr": 1e-4}; ``"default"`` -> {} (values parsed as JSON, so
+    """``"epochs=5,lr=1e-4"`` -> {"epochs": 5, "lr": 1e-4}; ``"default"`` -> {} (values parsed as ``--set`` values are, so
     ``replay_tasks={"choice":1,"reasoning":1}`` is a dict)."""
-    import json
+    from .config import _parse_value
 
     if text.strip() in ("", "default"):
         return {}
@@ -142,10 +133,7 @@ def parse_variant(text: str) -> dict:
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"bad variant {text!r}: expected key=value[,key=value...] or 'default'")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = _parse_value(value)
     return out
 
 
