@@ -73,14 +73,14 @@ class Profile:
 # that learn in a stage (vision tower, merger, language model) to a learning-rate scale; the rest is frozen.
 # Mixture tasks: caption / attribute / super / choice (image), knowledge / reasoning (text), naming (rare).
 _PRETRAIN_STAGES = dict(
-    vision=dict(steps=1000, batch_size=64, lr=1e-3, min_lr=5e-5, warmup=50, p_full=0.4),
     text=dict(steps=800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=100, train=dict(language=1.0),
               mixture=dict(knowledge=0.6, reasoning=0.4)),
+    vision=dict(steps=1200, batch_size=64, lr=1e-3, min_lr=5e-5, warmup=50, p_full=0.4, attribute_weight=2.0),
     align=dict(steps=400, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=50, train=dict(merger=1.0, language=0.1),
                mixture=dict(caption=0.6, attribute=0.3, super=0.1)),
     instruct=dict(steps=1500, batch_size=16, lr=5e-4, min_lr=5e-5, warmup=100,
                   train=dict(merger=1.0, language=1.0),
-                  mixture=dict(caption=0.16, attribute=0.09, super=0.02, choice=0.18, coarse_choice=0.1,
+                  mixture=dict(caption=0.11, attribute=0.09, super=0.02, choice=0.18, coarse_choice=0.15,
                                knowledge=0.18, naming=0.06, reasoning=0.21)),
 )
 PRETRAIN_MIXTURE = _PRETRAIN_STAGES["instruct"]["mixture"]

@@ -18,6 +18,8 @@ from finer1_lib.chat import ChatExample
 from finer1_lib.model import count_parameters, load_model
 from finer1_lib.pretrain import TASKS, cosine_lr, length_buckets, make_example, pretrain, pretrain_batch, read_log
 from finer1_lib.profiles import PRETRAIN_MIXTURE
+from finer1_lib.rationale import article
+from finer1_lib.records import SUPER_CATEGORY_WORD
 from finer1_lib.world import World
 
 
@@ -250,16 +252,24 @@ def test_pretrain_writes_every_stage_model_log_and_manifest(uninterrupted):
 
 
 def test_each_stage_trains_only_its_groups(uninterrupted):
+    """text -> vision -> align -> instruct: each stage changes only the parameter groups it trains."""
+    from finer1_lib.model import build_tiny_model, build_tokenizer
+
     out, _ = uninterrupted
-    weights = {s: _weights(out / s / "model")[1] for s in pt.STAGES}
+    profile = _profile()
+    init = build_tiny_model(build_tokenizer(pt.pretrain_corpus(World(profile.world_seed))), profile.tiny_size,
+                            seed=profile.pretrain["seed"])
+    weights = {"init": {k: v.detach().clone() for k, v in init.state_dict().items()}}
+    weights.update({s: _weights(out / s / "model")[1] for s in pt.STAGES})
+    assert list(pt.STAGES) == ["text", "vision", "align", "instruct"]
     vis = lambda k: "visual" in k and "merger" not in k  # noqa: E731
     mer = lambda k: "merger" in k  # noqa: E731
     lang = lambda k: "visual" not in k  # noqa: E731
     def changed(a, b, which):
         return any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a] if which(k))
-    assert not changed("vision", "text", vis) and not changed("vision", "text", mer)  # text: language only
-    assert changed("vision", "text", lang)
-    assert not changed("text", "align", vis) and changed("text", "align", mer) and changed("text", "align", lang)
+    assert not changed("init", "text", vis) and not changed("init", "text", mer) and changed("init", "text", lang)
+    assert changed("text", "vision", vis) and changed("text", "vision", mer) and not changed("text", "vision", lang)
+    assert not changed("vision", "align", vis) and changed("vision", "align", mer) and changed("vision", "align", lang)
     assert not changed("align", "instruct", vis) and changed("align", "instruct", mer)
 
 
@@ -403,6 +413,12 @@ def test_coarse_choice_offers_the_true_species_as_the_only_one_of_its_genus(worl
         truth = world.get(answer)
         assert ex.image is not None and len(options) == 4 and answer in options
         assert len({world.get(o).genus for o in options}) == 4  # only the true species is of its genus
+        think = parse_response(ex.response)["think"]
+        read = think.split(". This is")[0]  # the rationale reads every option and its genus before the image
+        assert all(f"the {o} is {article(world.get(o).genus)} {world.get(o).genus}" in read
+                   for o in options), think
+        assert think.endswith(f"like every {truth.genus} {SUPER_CATEGORY_WORD[truth.super_category]}, "
+                              f"so it is the {answer}.")
         question = ex.prompt.removeprefix("Given the question: ").split(", based on the options")[0]
         assert question in question_templates(truth.super_category)
         same_super += all(world.get(o).super_category == truth.super_category for o in options)

@@ -1,0 +1,161 @@
+"""Where a structured answer goes wrong (issue 19's diagnosis): perception, candidate recall, or the choice.
+
+A Fine-R1 answer (paper Table 5) reasons in four steps: the visual analysis states the image's attributes, the
+options list candidate subcategories, the comparison weighs them, the prediction names one. On the micro world
+every step can be checked against the truth, because the image's attributes and every species' attributes are
+known (``world``):
+
+* **perception**: which attribute values the analysis states, and how many of them are the image's own
+  (``stated_attributes``; a value counts as stated when its field-guide phrase, e.g. "yellow tail", is in the
+  analysis);
+* **recall**: whether the true species is among the candidates of ``<options>``, and how many candidates are
+  classes the model was trained on (seen);
+* **choice**: whether the answer is the truth when the truth was a candidate.
+
+``diagnose(results, world)`` labels each answer (one row of an evaluation, ``evaluate.evaluate_model``'s output)
+with the first step that failed: ``right``, ``no answer`` (no ``<answer>``), ``perception`` (a stated attribute
+is wrong), ``recall`` (perception fine, truth not among the candidates), ``choice`` (truth among the candidates,
+another answer), or ``unstructured`` (wrong, without analysis and options to check). ``diagnosis_table``
+summarises it per world (closed / open) and split (seen / unseen) in percent.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import pandas as pd
+
+from .prompts import extract_tag, split_options
+from .world import SCHEMAS, World
+
+__all__ = ["STEPS", "stated_attributes", "analysis_span", "candidates_span", "diagnose", "diagnosis_table"]
+
+#: The labels of ``diagnose``, in the order the steps happen.
+STEPS = ("right", "no answer", "perception", "recall", "choice", "unstructured")
+
+
+def _core(phrase: str) -> str:
+    """A field-guide phrase without its article: "a yellow tail" -> "yellow tail"."""
+    return re.sub(r"^(a|an|the)\s+", "", phrase.strip())
+
+
+def stated_attributes(text: str, super_category: str) -> dict[str, list[str]]:
+    """Each attribute dimension of ``super_category`` -> the values ``text`` states for it (longest phrases win:
+    "dark red crest" is not also read as "red crest"). A dimension the text does not mention maps to []."""
+    if super_category not in SCHEMAS:
+        raise ValueError(f"unknown super-category {super_category!r}; expected one of {sorted(SCHEMAS)}")
+    low = (text or "").lower()
+    stated: dict[str, list[str]] = {}
+    for dim in SCHEMAS[super_category].dims:
+        found = []
+        cores = sorted(((_core(dim.say(v)).lower(), v) for v in dim.values), key=lambda cv: -len(cv[0]))
+        taken: list[tuple[int, int]] = []
+        for core, value in cores:
+            for m in re.finditer(rf"(?<![\w-]){re.escape(core)}(?![\w-])", low):
+                if not any(a <= m.start() < b for a, b in taken):
+                    taken.append((m.start(), m.end()))
+                    if value not in found:
+                        found.append(value)
+        stated[dim.name] = found
+    return stated
+
+
+def _span(text: str, starts: Iterable[str], ends: Iterable[str]) -> str | None:
+    text = text or ""
+    begin = None
+    for s in starts:
+        i = text.find(s)
+        if i >= 0:
+            begin = i + len(s)
+            break
+    if begin is None:
+        return None
+    stop = min([j for j in (text.find(e, begin) for e in ends) if j >= 0], default=len(text))
+    return text[begin:stop]
+
+
+def analysis_span(text: str) -> str | None:
+    """The visual analysis: inside ``<analysis>`` (or, when the model dropped that tag, from ``<think>``) up to
+    the first closing tag or ``<options>``; None when the answer has neither."""
+    if "<analysis>" not in (text or "") and "</analysis>" not in (text or ""):
+        return None
+    return _span(text, ("<analysis>", "<think>"), ("</analysis>", "<options>", "</think>"))
+
+
+def candidates_span(text: str) -> list[str] | None:
+    """The candidate subcategories listed in ``<options>`` (None when there is no ``<options>``)."""
+    span = _span(text, ("<options>",), ("</options>", "<comparison>", "</think>"))
+    return None if span is None else split_options(span)
+
+
+def diagnose(results: pd.DataFrame, world: World, seen: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per answer of ``results`` (columns ``output``, ``ground_truth``, ``super_category``, ``split``,
+    ``mode``, ``correct``): what its analysis states, whether the truth is a candidate, and ``step``, the first
+    step that failed (``STEPS``). ``seen``: the seen class names (for the share of seen-class candidates)."""
+    need = {"output", "ground_truth", "super_category", "split", "mode", "correct"}
+    missing = need - set(results.columns)
+    if missing:
+        raise ValueError(f"evaluation results lack the columns {sorted(missing)} (expected evaluate_model's output)")
+    seen = {s.lower() for s in seen}
+    rows = []
+    for r in results.itertuples(index=False):
+        truth = world.get(r.ground_truth)
+        output = r.output if isinstance(r.output, str) else ""
+        analysis = analysis_span(output)
+        stated = stated_attributes(analysis or "", r.super_category) if analysis is not None else {}
+        n_stated = sum(bool(v) for v in stated.values())
+        n_right = sum(v == [truth.attributes[d]] for d, v in stated.items())
+        cands = candidates_span(output)
+        low = [c.lower() for c in cands or []]
+        answer = extract_tag(output, "answer")
+        pred = world.by_name.get((answer or "").strip())
+        gt_cand = truth.name.lower() in low if cands is not None else None
+        if bool(r.correct):
+            step = "right"
+        elif answer is None:
+            step = "no answer"
+        elif analysis is not None and n_right < n_stated:
+            step = "perception"
+        elif cands is not None and not gt_cand:
+            step = "recall"
+        elif cands is not None:
+            step = "choice"
+        else:
+            step = "unstructured"
+        rows.append({
+            "mode": r.mode, "split": r.split, "ground_truth": truth.name, "step": step, "correct": bool(r.correct),
+            "has_analysis": analysis is not None, "attributes_stated": n_stated, "attributes_right": n_right,
+            "analysis_all_right": analysis is not None and n_stated == len(stated) and n_right == n_stated,
+            "has_candidates": cands is not None, "n_candidates": len(set(low)),
+            "truth_in_candidates": gt_cand,
+            "seen_candidates": (sum(c in seen for c in set(low)) / len(set(low))) if low and seen else None,
+            "answer_genus_right": None if pred is None else pred.genus == truth.genus,
+        })
+    return pd.DataFrame(rows)
+
+
+def diagnosis_table(diag: pd.DataFrame) -> pd.DataFrame:
+    """Per (mode, split), in %: the share of answers in each ``step``, and, over the answers that have them, the
+    analysis's attribute precision (stated values that are right), the analysis naming all five right, the truth
+    among the candidates, the seen-class share of the candidates and, over wrong answers naming a species, the
+    answers of the right genus. ``n``: answers."""
+    out = {}
+    for (mode, split), g in diag.groupby(["mode", "split"], sort=True):
+        row = {"n": len(g)}
+        for step in STEPS:
+            row[f"step: {step}"] = 100 * (g["step"] == step).mean()
+        a = g[g["has_analysis"]]
+        stated = a["attributes_stated"].sum()
+        row["with analysis"] = 100 * len(a) / len(g)
+        row["attribute precision"] = 100 * a["attributes_right"].sum() / stated if stated else float("nan")
+        row["all five right"] = 100 * a["analysis_all_right"].mean() if len(a) else float("nan")
+        c = g[g["has_candidates"]]
+        row["truth among candidates"] = 100 * c["truth_in_candidates"].astype(bool).mean() if len(c) else float("nan")
+        sc = c["seen_candidates"].dropna()
+        row["seen-class candidates"] = 100 * sc.mean() if len(sc) else float("nan")
+        wrong = g[(~g["correct"]) & g["answer_genus_right"].notna()]
+        row["wrong, right genus"] = 100 * wrong["answer_genus_right"].astype(bool).mean() if len(wrong) else float("nan")
+        out[(mode, split)] = row
+    table = pd.DataFrame(out).T
+    table.index.names = ["mode", "split"]
+    return table

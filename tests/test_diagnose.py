@@ -1,0 +1,77 @@
+"""finer1_lib.diagnose: which step of a structured answer failed (perception, recall, choice)."""
+import pandas as pd
+import pytest
+
+from finer1_lib.diagnose import STEPS, analysis_span, candidates_span, diagnose, diagnosis_table, stated_attributes
+from finer1_lib.world import SCHEMAS, World
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(0)
+
+
+def _other_value(dim, value):
+    return next(v for v in dim.values if v != value)
+
+
+def _answer(analysis, candidates, answer):
+    return (f"<think><analysis>{analysis}</analysis><options>{', '.join(candidates)}</options>"
+            f"<comparison>...</comparison><prediction>{answer}</prediction></think><answer>{answer}</answer>")
+
+
+def test_stated_attributes_reads_every_true_phrase(world):
+    for sp in world.species[::7]:
+        text = f"This {sp.super_category} has " + ", ".join(sp.phrases()) + "."
+        stated = stated_attributes(text, sp.super_category)
+        assert stated == {d: [v] for d, v in sp.attributes.items()}, (sp.name, text)
+    assert all(v == [] for v in stated_attributes("nothing here", "bird").values())
+    with pytest.raises(ValueError, match="unknown super-category 'fish'"):
+        stated_attributes("x", "fish")
+
+
+def test_spans_tolerate_a_missing_analysis_tag():
+    text = "<think>The aircraft has straight wings.</analysis><options>A b, C d</options><comparison>"
+    assert analysis_span(text) == "The aircraft has straight wings."
+    assert candidates_span(text) == ["A b", "C d"]
+    assert analysis_span("<think>plain</think><answer>x</answer>") is None
+    assert candidates_span("<think>plain</think>") is None
+
+
+def test_diagnose_labels_the_first_failed_step(world):
+    sp = world.species[0]
+    sibling = next(s for s in world.species if s.genus == sp.genus and s != sp)
+    other = next(s for s in world.species if s.genus != sp.genus and s.super_category == sp.super_category)
+    dims = SCHEMAS[sp.super_category].dims
+    good = ", ".join(sp.phrases())
+    bad = ", ".join(sp.phrases()[:-1] + [dims[-1].say(_other_value(dims[-1], sp.attributes[dims[-1].name]))])
+    outputs = {
+        "right": _answer(good, [sp.name, sibling.name], sp.name),
+        "perception": _answer(bad, [sp.name, sibling.name], sibling.name),
+        "recall": _answer(good, [sibling.name, other.name], sibling.name),
+        "choice": _answer(good, [sp.name, other.name], other.name),
+        "no answer": "<think><analysis>" + good + "</analysis><options>",
+        "unstructured": f"<think>It is a bird.</think><answer>{other.name}</answer>",
+    }
+    df = pd.DataFrame([{"output": o, "ground_truth": sp.name, "super_category": sp.super_category,
+                        "split": "seen", "mode": "open", "correct": k == "right"} for k, o in outputs.items()])
+    diag = diagnose(df, world, seen=[sp.name, sibling.name])
+    assert list(diag["step"]) == list(outputs)
+    assert diag.loc[0, "analysis_all_right"] and not diag.loc[1, "analysis_all_right"]
+    assert diag.loc[1, "attributes_stated"] == 5 and diag.loc[1, "attributes_right"] == 4
+    assert list(diag["truth_in_candidates"][:4]) == [True, True, False, True]
+    assert diag.loc[2, "seen_candidates"] == pytest.approx(0.5)
+    assert diag.loc[2, "answer_genus_right"] and not diag.loc[3, "answer_genus_right"]
+
+    table = diagnosis_table(diag).loc[("open", "seen")]
+    assert table["n"] == 6
+    for step in STEPS:
+        assert table[f"step: {step}"] == pytest.approx(100 / 6)
+    assert table["attribute precision"] == pytest.approx(100 * 24 / 25)  # 5 answers with an analysis, one slip
+    assert table["truth among candidates"] == pytest.approx(60.0)  # 3 of 5 (the cut-off one lists none)
+    assert table["wrong, right genus"] == pytest.approx(100 * 2 / 4)  # perception, recall right genus; choice, unstructured not
+
+
+def test_diagnose_needs_evaluation_columns(world):
+    with pytest.raises(ValueError, match="lack the columns"):
+        diagnose(pd.DataFrame({"output": ["x"]}), world)
