@@ -166,6 +166,20 @@ def _analyze(args) -> int:
     return 0
 
 
+@stage("diagnose", "issue 19: where structured answers go wrong (perception / candidate recall / choice), per method")
+def _diagnose(args) -> int:
+    from .diagnose import diagnose_methods
+
+    table = diagnose_methods(args.profile, args.out or None, args.seed, args.methods, progress=True)
+    print(table.round(1).to_string())
+    if args.csv:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(args.csv), table.to_csv())
+        print(f"table written to {args.csv}")
+    return 0
+
+
 @stage("reproduce", "issue 19: every run behind the paper's comparisons (resumable), tables and verdicts in --out")
 def _reproduce(args) -> int:
     from .reproduce import main_args
@@ -269,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
 
             p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
                            help=f"rows of the table (default all: {', '.join(METHODS)})")
+        if name == "diagnose":
+            from .diagnose import DIAGNOSED_METHODS
+            from .pipeline import METHODS
+
+            p.add_argument("--methods", nargs="+", default=list(DIAGNOSED_METHODS), metavar="METHOD",
+                           help=f"methods (default: {', '.join(DIAGNOSED_METHODS)}; any of {', '.join(METHODS)} "
+                                "or tapo-<variant>)")
+            p.add_argument("--csv", default="", help="also write the table to this CSV file")
         if name == "bench":
             from .bench import TRAIN_MODES
             from .model import REAL_SIZES, TINY_SIZES

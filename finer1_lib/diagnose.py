@@ -12,6 +12,9 @@ known (``world``):
   classes the model was trained on (seen);
 * **choice**: whether the answer is the truth when the truth was a candidate.
 
+A wrongly stated attribute that is the *answer's* value (not the image's) means the analysis describes the
+species the model is about to name rather than the image: ``wrong attributes = the answer's``.
+
 ``diagnose(results, world)`` labels each answer (one row of an evaluation, ``evaluate.evaluate_model``'s output)
 with the first step that failed: ``right``, ``no answer`` (no ``<answer>``), ``perception`` (a stated attribute
 is wrong), ``recall`` (perception fine, truth not among the candidates), ``choice`` (truth among the candidates,
@@ -28,7 +31,8 @@ import pandas as pd
 from .prompts import extract_tag, split_options
 from .world import SCHEMAS, World
 
-__all__ = ["STEPS", "stated_attributes", "analysis_span", "candidates_span", "diagnose", "diagnosis_table"]
+__all__ = ["STEPS", "DIAGNOSED_METHODS", "stated_attributes", "analysis_span", "candidates_span", "diagnose",
+           "diagnosis_table", "diagnose_methods"]
 
 #: The labels of ``diagnose``, in the order the steps happen.
 STEPS = ("right", "no answer", "perception", "recall", "choice", "unstructured")
@@ -105,10 +109,12 @@ def diagnose(results: pd.DataFrame, world: World, seen: Iterable[str] = ()) -> p
         stated = stated_attributes(analysis or "", r.super_category) if analysis is not None else {}
         n_stated = sum(bool(v) for v in stated.values())
         n_right = sum(v == [truth.attributes[d]] for d, v in stated.items())
-        cands = candidates_span(output)
-        low = [c.lower() for c in cands or []]
         answer = extract_tag(output, "answer")
         pred = world.by_name.get((answer or "").strip())
+        wrong = [(d, v) for d, v in stated.items() if v and v != [truth.attributes[d]]]
+        of_answer = sum(pred is not None and pred.attributes.get(d) in v for d, v in wrong)
+        cands = candidates_span(output)
+        low = [c.lower() for c in cands or []]
         gt_cand = truth.name.lower() in low if cands is not None else None
         if bool(r.correct):
             step = "right"
@@ -125,6 +131,7 @@ def diagnose(results: pd.DataFrame, world: World, seen: Iterable[str] = ()) -> p
         rows.append({
             "mode": r.mode, "split": r.split, "ground_truth": truth.name, "step": step, "correct": bool(r.correct),
             "has_analysis": analysis is not None, "attributes_stated": n_stated, "attributes_right": n_right,
+            "attributes_wrong": len(wrong), "wrong_of_answer": of_answer,
             "analysis_all_right": analysis is not None and n_stated == len(stated) and n_right == n_stated,
             "has_candidates": cands is not None, "n_candidates": len(set(low)),
             "truth_in_candidates": gt_cand,
@@ -136,7 +143,9 @@ def diagnose(results: pd.DataFrame, world: World, seen: Iterable[str] = ()) -> p
 
 def diagnosis_table(diag: pd.DataFrame) -> pd.DataFrame:
     """Per (mode, split), in %: the share of answers in each ``step``, and, over the answers that have them, the
-    analysis's attribute precision (stated values that are right), the analysis naming all five right, the truth
+    analysis's attribute precision (stated values that are right), the analysis naming all five right, the wrongly
+    stated values that are those of the species the answer names (the analysis describes the answer, not the
+    image), the truth
     among the candidates, the seen-class share of the candidates and, over wrong answers naming a species, the
     answers of the right genus. ``n``: answers."""
     out = {}
@@ -149,6 +158,8 @@ def diagnosis_table(diag: pd.DataFrame) -> pd.DataFrame:
         row["with analysis"] = 100 * len(a) / len(g)
         row["attribute precision"] = 100 * a["attributes_right"].sum() / stated if stated else float("nan")
         row["all five right"] = 100 * a["analysis_all_right"].mean() if len(a) else float("nan")
+        n_wrong = a["attributes_wrong"].sum()
+        row["wrong attributes = the answer's"] = 100 * a["wrong_of_answer"].sum() / n_wrong if n_wrong else float("nan")
         c = g[g["has_candidates"]]
         row["truth among candidates"] = 100 * c["truth_in_candidates"].astype(bool).mean() if len(c) else float("nan")
         sc = c["seen_candidates"].dropna()
@@ -159,3 +170,25 @@ def diagnosis_table(diag: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(out).T
     table.index.names = ["mode", "split"]
     return table
+
+
+#: The methods whose answers are structured (the CoT-trained ones) plus the zero-shot baseline.
+DIAGNOSED_METHODS = ("zero-shot", "CoT SFT", "CoT SFT + DAPO", "Fine-R1 (TAPO)")
+
+
+def diagnose_methods(profile=None, out=None, seed: int = 0, methods=DIAGNOSED_METHODS,
+                     progress: bool = False) -> pd.DataFrame:
+    """``diagnosis_table`` of each method's evaluation (``pipeline.evaluate_method``: cached, else trained and
+    evaluated), one block per method: rows (method, mode, split)."""
+    from .pipeline import evaluate_method, get_benchmark
+    from .profiles import get_profile
+
+    profile = get_profile(profile)
+    if profile.world != "micro":
+        raise ValueError(f"profile {profile.name!r}: the diagnosis needs the micro world, where the attributes of "
+                         "every image and species are known (the real datasets have no attribute ground truth)")
+    world = World(profile.world_seed, profile.image_size, profile.n_genera)
+    seen = get_benchmark(profile, out, seed, progress=progress).seen_labels()
+    tables = {m: diagnosis_table(diagnose(evaluate_method(profile, out, seed, m, progress=progress), world, seen))
+              for m in methods}
+    return pd.concat(tables, names=["method"])

@@ -11,10 +11,6 @@ def world():
     return World(0)
 
 
-def _other_value(dim, value):
-    return next(v for v in dim.values if v != value)
-
-
 def _answer(analysis, candidates, answer):
     return (f"<think><analysis>{analysis}</analysis><options>{', '.join(candidates)}</options>"
             f"<comparison>...</comparison><prediction>{answer}</prediction></think><answer>{answer}</answer>")
@@ -44,7 +40,9 @@ def test_diagnose_labels_the_first_failed_step(world):
     other = next(s for s in world.species if s.genus != sp.genus and s.super_category == sp.super_category)
     dims = SCHEMAS[sp.super_category].dims
     good = ", ".join(sp.phrases())
-    bad = ", ".join(sp.phrases()[:-1] + [dims[-1].say(_other_value(dims[-1], sp.attributes[dims[-1].name]))])
+    slip = next(i for i, d in enumerate(dims) if sibling.attributes[d.name] != sp.attributes[d.name])
+    bad = ", ".join(p if i != slip else dims[i].say(sibling.attributes[dims[i].name])  # the answer's value
+                    for i, p in enumerate(sp.phrases()))
     outputs = {
         "right": _answer(good, [sp.name, sibling.name], sp.name),
         "perception": _answer(bad, [sp.name, sibling.name], sibling.name),
@@ -59,6 +57,8 @@ def test_diagnose_labels_the_first_failed_step(world):
     assert list(diag["step"]) == list(outputs)
     assert diag.loc[0, "analysis_all_right"] and not diag.loc[1, "analysis_all_right"]
     assert diag.loc[1, "attributes_stated"] == 5 and diag.loc[1, "attributes_right"] == 4
+    assert diag.loc[1, "attributes_wrong"] == 1
+    assert diag.loc[1, "wrong_of_answer"] == 1  # the slip is the value of the species it then names
     assert list(diag["truth_in_candidates"][:4]) == [True, True, False, True]
     assert diag.loc[2, "seen_candidates"] == pytest.approx(0.5)
     assert diag.loc[2, "answer_genus_right"] and not diag.loc[3, "answer_genus_right"]
@@ -69,9 +69,17 @@ def test_diagnose_labels_the_first_failed_step(world):
         assert table[f"step: {step}"] == pytest.approx(100 / 6)
     assert table["attribute precision"] == pytest.approx(100 * 24 / 25)  # 5 answers with an analysis, one slip
     assert table["truth among candidates"] == pytest.approx(60.0)  # 3 of 5 (the cut-off one lists none)
+    assert table["wrong attributes = the answer's"] == pytest.approx(100.0)
     assert table["wrong, right genus"] == pytest.approx(100 * 2 / 4)  # perception, recall right genus; choice, unstructured not
 
 
 def test_diagnose_needs_evaluation_columns(world):
     with pytest.raises(ValueError, match="lack the columns"):
         diagnose(pd.DataFrame({"output": ["x"]}), world)
+
+
+def test_diagnosis_needs_the_micro_world():
+    from finer1_lib.diagnose import diagnose_methods
+
+    with pytest.raises(ValueError, match="needs the micro world"):
+        diagnose_methods("qwen2.5-vl-3b")
