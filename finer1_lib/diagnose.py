@@ -114,7 +114,7 @@ def diagnose(results: pd.DataFrame, world: World, seen: Iterable[str] = ()) -> p
         wrong = [(d, v) for d, v in stated.items() if v and v != [truth.attributes[d]]]
         of_answer = sum(pred is not None and pred.attributes.get(d) in v for d, v in wrong)
         cands = candidates_span(output)
-        low = [c.lower() for c in cands or []]
+        low = {c.lower() for c in cands or []}  # split_options already drops duplicates; case-insensitive here
         gt_cand = truth.name.lower() in low if cands is not None else None
         if bool(r.correct):
             step = "right"
@@ -133,9 +133,9 @@ def diagnose(results: pd.DataFrame, world: World, seen: Iterable[str] = ()) -> p
             "has_analysis": analysis is not None, "attributes_stated": n_stated, "attributes_right": n_right,
             "attributes_wrong": len(wrong), "wrong_of_answer": of_answer,
             "analysis_all_right": analysis is not None and n_stated == len(stated) and n_right == n_stated,
-            "has_candidates": cands is not None, "n_candidates": len(set(low)),
+            "has_candidates": cands is not None, "n_candidates": len(low),
             "truth_in_candidates": gt_cand,
-            "seen_candidates": (sum(c in seen for c in set(low)) / len(set(low))) if low and seen else None,
+            "seen_candidates": len(low & seen) / len(low) if low and seen else None,
             "answer_genus_right": None if pred is None else pred.genus == truth.genus,
         })
     return pd.DataFrame(rows)
