@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -268,6 +269,8 @@ def plan(profile, out, seeds=(0, 1, 2), runs=None, methods=ALL_METHODS, analysis
             evaluated = bool(cache and cache.is_file() and _probe(pipeline._folder_holds, cache.parent, m, profile,
                                                                     runs, seed))
             row = dict(seed=seed, piece=m, kind="eval", phase=2, status="cached" if evaluated else "to do")
+            if not evaluated and _archived(out, seed, m, cache):
+                row["status"] = "archived"  # restored once the CoT data (the digest's input) is rebuilt
             if kind.startswith("tapo-"):
                 variant = pipeline._tapo_key(kind)[0]
                 state, logged = _tapo_state(profile, runs, seed, m, data_ok)
@@ -280,7 +283,7 @@ def plan(profile, out, seeds=(0, 1, 2), runs=None, methods=ALL_METHODS, analysis
                     n_steps, pps = 0, 0
                 row.update(kind="tapo", variant=variant, steps=n_steps, prompts_per_step=pps, train=state,
                            logged=logged)
-                if not evaluated:
+                if not evaluated and row["status"] != "archived":
                     row["status"] = {"cached": "trained; evaluate", "resume": f"resume at step {logged}",
                                      "to do": "train + evaluate"}[state]
             elif kind == "clip":
@@ -291,11 +294,14 @@ def plan(profile, out, seeds=(0, 1, 2), runs=None, methods=ALL_METHODS, analysis
             side = runs / f"analysis-seed{seed}.run.json"
             done = bool(key) and side.is_file() and json.loads(side.read_text()).get("key") == key and (
                 runs / f"analysis-seed{seed}.json").is_file()
+            arch = Path(out) / f"analysis-seed{seed}.run.json"
+            archived = not done and arch.is_file() and (Path(out) / f"analysis-seed{seed}.json").is_file() and (
+                key is None or json.loads(arch.read_text()).get("key") == key)
             pieces.append(dict(seed=seed, piece="H1-H3 analysis", kind="analysis", phase=3,
-                               status="cached" if done else "to do"))
+                               status="cached" if done else "archived" if archived else "to do"))
     for p in pieces:
         p["seconds"] = 0.0
-        if p["status"] == "cached" or p["kind"] == "alias":
+        if p["status"] in ("cached", "archived") or p["kind"] == "alias":
             continue
         if p["kind"] == "tapo":
             left = p["steps"] - p["logged"] if p["train"] != "cached" else 0
@@ -326,7 +332,10 @@ def format_plan(pieces: list[dict], profile=None) -> str:
     total = sum(p.get("wall", 0.0) for p in pieces)
     todo = sum(1 for p in pieces if p["seconds"])
     cached = sum(1 for p in pieces if p["status"] == "cached")
-    lines.append(f"{todo} pieces to run, {cached} cached; estimated wall time {_hms(total)} "
+    archived = sum(1 for p in pieces if p["status"] == "archived")
+    lines.append(f"{todo} pieces to run, {cached} cached"
+                 + (f", {archived} archived in {ARCHIVE}/ (restored after the CoT data)" if archived else "")
+                 + f"; estimated wall time {_hms(total)} "
                  f"(rough: per-piece times from this folder's measurements when it has some, else defaults)")
     return "\n".join(lines)
 
@@ -334,6 +343,92 @@ def format_plan(pieces: list[dict], profile=None) -> str:
 def _hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------- the archive
+#
+# The run folders (``runs/``: models, checkpoints) are not committed, so a checkout keeps none of them. What a
+# piece produces that the report reads is small: a method's evaluation CSV (its name is a digest of the model's
+# key, the prompt, the evaluation settings and the benchmark, ``pipeline._eval_cache``), a TAPO run's per-step
+# log, a seed's H1-H3 summary. ``<out>/evals/seed{S}/`` keeps a copy of each, committed with the results; a
+# later invocation (another session, a fresh clone) rebuilds what the keys need (benchmark, CoT data, SFT) and
+# restores every archived piece whose name still matches: the same settings are never run twice, and a
+# changed setting (another digest) is run again, never read from the archive.
+
+ARCHIVE = "evals"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+
+
+def _archive_name(method: str, cache: Path) -> str:
+    return f"{_safe(method)}--{cache.name}"
+
+
+def _archived(out: Path, seed: int, method: str, cache: Path | None) -> bool:
+    """Whether the archive holds the method's evaluation: the exact file when its name is known (``cache``),
+    else any file of the method (a dry run on a fresh checkout cannot compute the digest before the CoT data
+    exists; the run then restores only an exact match)."""
+    folder = Path(out) / ARCHIVE / f"seed{seed}"
+    if cache is not None:
+        return (folder / _archive_name(method, cache)).is_file()
+    return folder.is_dir() and any(folder.glob(f"{_safe(method)}--*.csv"))
+
+
+def _archive_method(profile, runs, out, seed: int, method: str) -> None:
+    """Copy a method's evaluation (and a TAPO run's log) into the archive; older digests of it are removed."""
+    cache = pipeline._eval_cache(profile, runs, seed, method)
+    if not cache.is_file():
+        return
+    folder = Path(out) / ARCHIVE / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = _archive_name(method, cache)
+    for old in folder.glob(f"{_safe(method)}--*"):
+        if not old.name.startswith(name[:-4]):
+            old.unlink()
+    atomic_write_text(folder / name, cache.read_text(encoding="utf-8"))
+    log = cache.parent / "tapo_log.csv"
+    if pipeline._method_key(method)[0].startswith("tapo-") and log.is_file():
+        atomic_write_text(folder / (name[:-4] + ".tapo_log.csv"), log.read_text(encoding="utf-8"))
+
+
+def _restore(profile, runs: Path, out: Path, seed: int, methods, canon, log_path=None) -> list[str]:
+    """Put the archived evaluations of a seed whose names match the current settings back into the run
+    folders (after phase 1: the names need the CoT data's digest); returns the methods restored."""
+    from .config import claim_run_folder
+
+    folder = Path(out) / ARCHIVE / f"seed{seed}"
+    if not folder.is_dir():
+        return []
+    restored = []
+    for m in methods:
+        if canon[m] != m:
+            continue
+        cache = pipeline._eval_cache(profile, runs, seed, m)
+        src = folder / _archive_name(m, cache)
+        kind = pipeline._method_key(m)[0]
+        if not src.is_file() or (cache.is_file() and pipeline._folder_holds(cache.parent, m, profile, runs, seed)):
+            continue
+        if kind != "base":  # the run folder must name the run the evaluation belongs to (_folder_holds)
+            claim_run_folder(cache.parent, pipeline.method_key(profile, runs, seed, m),
+                             {"stage": kind, "restored_from": f"{ARCHIVE}/seed{seed}/{src.name}"})
+        atomic_write_text(cache, src.read_text(encoding="utf-8"))
+        log = folder / (src.name[:-4] + ".tapo_log.csv")
+        if log.is_file() and not (cache.parent / "tapo_log.csv").is_file():
+            atomic_write_text(cache.parent / "tapo_log.csv", log.read_text(encoding="utf-8"))
+        restored.append(m)
+    key = _analysis_key(profile, runs, seed)
+    side = Path(out) / f"analysis-seed{seed}.run.json"
+    result = Path(out) / f"analysis-seed{seed}.json"
+    if key and side.is_file() and result.is_file() and json.loads(side.read_text()).get("key") == key \
+            and not (runs / f"analysis-seed{seed}.json").is_file():
+        shutil.copyfile(result, runs / result.name)
+        shutil.copyfile(side, runs / side.name)
+        restored.append("H1-H3 analysis")
+    if restored:
+        _emit(log_path, f"seed {seed}  restored from {ARCHIVE}/seed{seed}: {', '.join(restored)}")
+    return restored
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -380,6 +475,7 @@ def _method_job(profile, runs, out, seed: int, method: str, log_path=None) -> di
     pipeline.evaluate_method(profile, runs, seed, method)
     record.update(eval_seconds=time.perf_counter() - t1, seconds=time.perf_counter() - t0, status="done")
     what.append("evaluated")
+    _archive_method(profile, runs, out, seed, method)
     _timing(out, f"seed{seed}-{method}", record)
     _emit(log_path, f"seed {seed}  {method}: {', '.join(what)} in {_hms(record['seconds'])}")
     return record
@@ -390,6 +486,8 @@ def _analysis_job(profile, runs, out, seed: int, key: str | None, log_path=None)
     pipeline.run_analysis(profile, runs, seed, methods=ANALYSIS_METHODS, progress=False)
     key = key or _analysis_key(profile, Path(runs), seed)
     write_json(Path(runs) / f"analysis-seed{seed}.run.json", {"key": key, "methods": list(ANALYSIS_METHODS)})
+    for name in (f"analysis-seed{seed}.json", f"analysis-seed{seed}.run.json"):  # the archive (see _restore)
+        shutil.copyfile(Path(runs) / name, Path(out) / name)
     record = {"seed": seed, "kind": "analysis", "seconds": time.perf_counter() - t0, "status": "done"}
     _timing(out, f"seed{seed}-analysis", record)
     _emit(log_path, f"seed {seed}  H1-H3 analysis: done in {_hms(record['seconds'])}")
@@ -454,11 +552,21 @@ def reproduce(profile=None, out=None, seeds=(0, 1, 2), runs=None, methods=ALL_ME
                 else:
                     _step(log_path, out, seed, "concepts + CoT data", "data",
                           lambda: pipeline.sft_samples(profile, runs, seed, "cot") and None)
+            # what an earlier invocation archived (another checkout: its run folders are gone)
+            if _restore(profile, runs, out, seed, methods, canon, log_path):
+                status.update({(p["seed"], p["piece"]): p["status"]
+                               for p in plan(profile, out, [seed], runs, methods, analysis)})
+            pending = {pipeline._method_key(m)[0] for m in methods if canon[m] == m and status[seed, m] != "cached"}
+            if analysis and status[seed, "H1-H3 analysis"] != "cached":
+                pending |= {pipeline._method_key(m)[0] for m in ANALYSIS_METHODS}
             for data in ("cot", "direct"):
                 if (seed, f"sft-{data}") not in status:
                     continue
+                needed = f"sft-{data}" in pending or (data == "cot" and any(k.startswith("tapo-") for k in pending))
                 if status[seed, f"sft-{data}"] == "cached":
                     _emit(log_path, f"seed {seed}  sft-{data}: cached")
+                elif not needed:
+                    _emit(log_path, f"seed {seed}  sft-{data}: not needed (what uses it is archived)")
                 else:
                     _step(log_path, out, seed, f"sft-{data}", "sft",
                           lambda: pipeline.run_sft(profile, runs, seed, data, progress=False))
@@ -498,7 +606,7 @@ def reproduce(profile=None, out=None, seeds=(0, 1, 2), runs=None, methods=ALL_ME
         raise
     finally:
         _record_invocation(out, time.perf_counter() - start)
-    ran = [p for p in before if p["status"] != "cached" and p["kind"] != "alias"]
+    ran = [p for p in before if p["status"] not in ("cached", "archived") and p["kind"] != "alias"]
     return {"plan": before, "results": report, "ran": ran,
             "cached": [p for p in before if p["status"] == "cached"]}
 
@@ -784,6 +892,10 @@ def build_report(profile, out, seeds, runs=None, methods=ALL_METHODS, analysis: 
     methods = tuple(methods)
     canon = canonical_methods(profile, methods)
     frames = _frames(profile, runs, seeds, methods, canon)
+    for s in seeds:  # the archive holds every piece of the report (also ones run before it existed)
+        for m in methods:
+            if canon[m] == m:
+                _archive_method(profile, runs, out, s, m)
     tables = {s: compare({m: frames[s, m] for m in methods}) for s in seeds}
     for s, t in tables.items():
         atomic_write_text(out / f"evaluation-seed{s}.csv", t.to_csv())
@@ -793,9 +905,10 @@ def build_report(profile, out, seeds, runs=None, methods=ALL_METHODS, analysis: 
         atomic_write_text(out / f"per_image-seed{s}.csv", df.to_csv(index=False))
     if analysis:
         for s in seeds:
-            src = runs / f"analysis-seed{s}.json"
-            if src.is_file():
-                shutil.copyfile(src, out / src.name)
+            for name in (f"analysis-seed{s}.json", f"analysis-seed{s}.run.json"):
+                src = runs / name
+                if src.is_file():
+                    shutil.copyfile(src, out / src.name)
     flat = _flatness_rows(profile, runs, out, seeds, methods, canon, config)
     atomic_write_text(out / "rl_flatness.csv", pd.DataFrame(flat).to_csv(index=False))
     findings = _findings(per_image, seeds, methods, runs, analysis, config)
@@ -990,7 +1103,7 @@ def main_args(args) -> int:
     config = ReproduceConfig(rl_passes=passes)
     seeds = args.seeds or [args.seed]
     methods = args.methods or ALL_METHODS
-    command = "python -m finer1_lib " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(
+    command = "python -m finer1_lib " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(
         ("__main__.py", "finer1_lib")) else None
     res = reproduce(args.profile, args.out or None, seeds, runs=args.runs or None, methods=methods,
                     analysis=not args.no_analysis, config=config, dry_run=args.dry_run, command=command)

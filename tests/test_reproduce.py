@@ -1,5 +1,6 @@
 """Issue 19's `reproduce` command: verdict logic on synthetic numbers, the plan, and one end-to-end run."""
 import json
+import shutil
 import math
 
 import numpy as np
@@ -182,6 +183,26 @@ def test_plan_on_the_smoke_profile(tmp_path):
     assert not (out / "results.md").exists() and not (out / "runs").exists()
 
 
+def test_plan_marks_archived_pieces_of_a_fresh_checkout(tmp_path):
+    """A fresh checkout has the committed archive (evals/seed{S}/) but no run folders: the plan marks those
+    pieces "archived" (0 s: restored once the CoT data is rebuilt), the rest "to do"; a seed without an
+    archive is all "to do"."""
+    profile = reproduce.prepare_profile("smoke", rl_passes=2)
+    arch = tmp_path / "evals" / "seed0"
+    arch.mkdir(parents=True)
+    for m in ("zero-shot", "Fine-R1 (TAPO)"):
+        (arch / f"{reproduce._safe(m)}--eval-0123456789ab.csv").write_text("image_id\n")
+    (tmp_path / "analysis-seed0.json").write_text("{}")
+    (tmp_path / "analysis-seed0.run.json").write_text(json.dumps({"key": "k"}))
+    methods = ("zero-shot", "CoT SFT", "Fine-R1 (TAPO)")
+    by = {(p["seed"], p["piece"]): p for p in reproduce.plan(profile, tmp_path, (0, 1), methods=methods)}
+    assert [by[0, m]["status"] for m in methods] == ["archived", "to do", "archived"]
+    assert by[0, "Fine-R1 (TAPO)"]["seconds"] == 0 and by[0, "CoT SFT"]["seconds"] > 0
+    assert by[0, "H1-H3 analysis"]["status"] == "archived" and by[1, "H1-H3 analysis"]["status"] == "to do"
+    assert [by[1, m]["status"] for m in methods] == ["to do", "to do", "train + evaluate"]
+    assert "3 archived in evals/" in reproduce.format_plan(list(by.values()))
+
+
 # ------------------------------------------------------------------------------------- one end-to-end run
 
 E2E_METHODS = ("zero-shot", "direct SFT", "CoT SFT", "CoT SFT + DAPO", "Fine-R1 (TAPO)", "tapo-tapo-10x0",
@@ -230,4 +251,22 @@ def test_reproduce_end_to_end_on_smoke_then_everything_cached(tmp_path, capsys, 
     after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
     changed = [str(p) for p in after if before.get(p) != after[p]]
     assert not changed, changed           # no model, checkpoint or cache rewritten: nothing retrained
+    assert (out / "results.md").read_text().split("## Verdicts")[1] == md.split("## Verdicts")[1]
+
+    # a fresh checkout: the run folders are gone, the archive (committed with the results) is there
+    archive = out / "evals" / "seed0"
+    evals = [p for p in archive.glob("*--eval-*.csv") if not p.name.endswith(".tapo_log.csv")]
+    assert len(evals) == len(E2E_METHODS) - 1                                       # 10:0 is "+ inter"
+    assert len(list(archive.glob("*.tapo_log.csv"))) == 3
+    shutil.rmtree(out / "runs")
+    plan_text = reproduce.format_plan(reproduce.plan(profile, out, (0,), methods=E2E_METHODS, analysis=False))
+    assert "archived" in plan_text and "train + evaluate" not in plan_text
+    third = reproduce.reproduce(profile, out, **kw)
+    log = capsys.readouterr().out
+    assert "restored from evals/seed0" in log and "trained" not in log and "RL steps" not in log
+    assert "sft-cot: not needed" in log and "sft-direct: not needed" in log
+    assert not (out / "runs" / "sft-cot-seed0" / "model").exists()          # nothing retrained
+    assert {p["piece"] for p in third["ran"]} == {"benchmark", "concepts + CoT data", "sft-cot", "sft-direct"}
+    pd.testing.assert_frame_equal(pd.read_csv(out / "evaluation-seed0.csv", header=[0, 1], index_col=0), ev)
+    assert pd.read_csv(out / "rl_logs" / "tapo-tapo-seed0.csv")["step"].tolist() == [1]
     assert (out / "results.md").read_text().split("## Verdicts")[1] == md.split("## Verdicts")[1]
