@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 from .io import atomic_write_bytes  # noqa: E402
 
 __all__ = ["save_figure", "image_grid", "plot_curves", "label_bars", "legend_outside", "moving_average",
-           "method_name", "METHOD_NAMES"]
+           "method_name", "METHOD_NAMES", "rl_curves", "RL_PANELS"]
 
 # run keys of the ablation -> the paper's method names (Fig. 3c)
 METHOD_NAMES = {"tapo-dapo": "CoT SFT + DAPO", "tapo-intra": "CoT SFT + DAPO + intra-class x_pos",
@@ -117,3 +117,50 @@ def moving_average(values, window: int):
 
     series = pd.Series(values, dtype=float)
     return series if window <= 1 else series.rolling(window, center=True, min_periods=1).mean()
+
+
+#: (column of a TAPO log, panel title, y label) of :func:`rl_curves`.
+RL_PANELS = {"reward": ("reward (0.9 acc + 0.1 format)", "mean reward (0 to 1)"),
+             "kept_ratio": ("groups kept by dynamic sampling", "fraction of groups"),
+             "kl": ("KL[x* || x_neg] (Eq. 3)", "KL (nats per token)"),
+             "entropy": ("-log pi under x*", "nats per token"),
+             "entropy_neg": ("-log pi under x_neg", "nats per token"),
+             "response_len": ("response length", "tokens")}
+
+
+def rl_curves(logs: dict, columns: Sequence[str] = ("reward", "kept_ratio"), window: int | None = None,
+              title: str | None = None, ncols: int | None = None):
+    """TAPO per-step logs (name -> ``tapo_log.csv`` frame) as one panel per column: each step as a faint dot,
+    a moving average as a line; names as the paper's (:func:`method_name`), the legend above the panels.
+    ``window``: moving-average steps (default: a third of the shortest run, 1 to 15)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if not logs:
+        raise ValueError("rl_curves needs at least one log")
+    unknown = [c for c in columns if c not in RL_PANELS]
+    if unknown:
+        raise ValueError(f"unknown TAPO log columns {unknown}; choose from {list(RL_PANELS)}")
+    n = min(len(df) for df in logs.values())
+    w = window if window is not None else max(1, min(15, n // 3))
+    ncols = ncols or min(3, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 2.9 * nrows), squeeze=False)
+    for ax, col in zip(axes.flat, columns):
+        head, unit = RL_PANELS[col]
+        for k, (name, log) in enumerate(logs.items()):
+            if col in log and log[col].notna().any():
+                ax.plot(log["step"], log[col], ".", color=f"C{k}", alpha=0.25, ms=3)
+                ax.plot(log["step"], moving_average(log[col], w), color=f"C{k}", label=method_name(name))
+        ax.set(title=head, xlabel="RL step", ylabel=unit)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not in these logs", ha="center", transform=ax.transAxes, color="grey")
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    handles, labels = next((a.get_legend_handles_labels() for a in axes.flat if a.lines), ([], []))
+    note = f"dots: each step; lines: moving average over {w} steps" if w > 1 else "one point per step"
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, max(1, len(labels))),
+               frameon=False, title=f"{title}\n{note}" if title else note, fontsize=8, title_fontsize=9)
+    fig.tight_layout()
+    return fig

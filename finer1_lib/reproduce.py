@@ -45,7 +45,8 @@ from .profiles import Profile, get_profile
 from .records import REPO_ROOT
 
 __all__ = ["ReproduceConfig", "ALL_METHODS", "RATIO_METHODS", "LABELS", "prepare_profile", "rl_steps",
-           "n_anchors", "plan", "format_plan", "reproduce", "build_report", "canonical_methods"]
+           "n_anchors", "plan", "format_plan", "reproduce", "build_report", "canonical_methods", "committed",
+           "COMMITTED"]
 
 #: The rows, in the order of the report (pipeline method names).
 RATIO_METHODS = {(10, 0): "tapo-tapo-10x0", (8, 2): "tapo-tapo-8x2", (5, 5): "Fine-R1 (TAPO)",
@@ -911,10 +912,60 @@ def build_report(profile, out, seeds, runs=None, methods=ALL_METHODS, analysis: 
                     shutil.copyfile(src, out / src.name)
     flat = _flatness_rows(profile, runs, out, seeds, methods, canon, config)
     atomic_write_text(out / "rl_flatness.csv", pd.DataFrame(flat).to_csv(index=False))
+    if flat:
+        _curves_figure(out, min(seeds))
     findings = _findings(per_image, seeds, methods, runs, analysis, config)
     write_json(out / "verdicts.json", json.loads(json.dumps(findings, default=_json_default)))
     text = _results_md(profile, out, runs, seeds, methods, canon, tables, findings, flat, analysis, config, wall)
     return atomic_write_text(out / "results.md", text)
+
+
+def _curves_figure(out: Path, seed: int) -> Path | None:
+    """``rl_curves.png``: the per-step reward, groups kept, KL and response length of the seed's RL runs."""
+    import matplotlib.pyplot as plt
+
+    from .plots import rl_curves, save_figure
+
+    logs = committed(out, seed)["logs"]
+    if not logs:
+        return None
+    steps = max(len(df) for df in logs.values())
+    fig = rl_curves(logs, ("reward", "kept_ratio", "kl", "response_len"), ncols=2,
+                    title=f"long run: seed {seed}, {steps} RL steps (python -m finer1_lib reproduce)")
+    path = save_figure(fig, out / "rl_curves.png")
+    plt.close(fig)
+    return path
+
+
+#: The committed reproduction the notebooks show beside their short live runs.
+COMMITTED = REPO_ROOT / "data" / "results" / "cpu-reproduce"
+
+
+def committed(out=None, seed: int = 0) -> dict:
+    """What a reproduction folder holds for a notebook: ``logs`` (run key, e.g. "tapo-dapo" -> its per-step
+    TAPO log, for ``seed``), ``evaluation`` (the seed's method table, or None), ``flatness`` (one row per run),
+    ``config`` (the settings and command that made it), ``n_test`` (closed-world test images per split) and
+    ``path``. Empty when the folder has none of them."""
+    import pandas as pd
+
+    out = Path(out) if out else COMMITTED
+    logs = {}
+    for f in sorted((out / "rl_logs").glob(f"*-seed{seed}.csv")) if (out / "rl_logs").is_dir() else ():
+        logs[f.name[: -len(f"-seed{seed}.csv")]] = pd.read_csv(f)
+    order = ["tapo-dapo", "tapo-intra", "tapo-inter", "tapo-tapo"]
+    logs = dict(sorted(logs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+    ev = out / f"evaluation-seed{seed}.csv"
+    flat = out / "rl_flatness.csv"
+    cfg = out / "config.json"
+    per_image = out / f"per_image-seed{seed}.csv"
+    n = {}
+    if per_image.is_file():
+        img = pd.read_csv(per_image, usecols=["split", "mode"])
+        n = img[img["mode"] == "closed"]["split"].value_counts().to_dict()
+    return {"path": out, "logs": logs, "n_test": n,
+            "evaluation": pd.read_csv(ev, header=[0, 1], index_col=0) if ev.is_file() else None,
+            "flatness": pd.read_csv(flat) if flat.is_file() and flat.stat().st_size > 1 else pd.DataFrame(),
+            "config": json.loads(cfg.read_text()) if cfg.is_file() else {}}
 
 
 def _json_default(o):

@@ -203,6 +203,36 @@ def test_plan_marks_archived_pieces_of_a_fresh_checkout(tmp_path):
     assert "3 archived in evals/" in reproduce.format_plan(list(by.values()))
 
 
+def test_committed_reads_a_reproduction_folder_and_rl_curves_plots_it(tmp_path):
+    """committed(): the seed's RL logs in the paper's order (DAPO first), the evaluation table, the flatness rows,
+    the config; an absent folder gives empty results (a notebook then shows only its live run)."""
+    import matplotlib.pyplot as plt
+    from finer1_lib.plots import rl_curves
+
+    empty = reproduce.committed(tmp_path / "none")
+    assert empty["logs"] == {} and empty["evaluation"] is None and empty["flatness"].empty
+    (tmp_path / "rl_logs").mkdir()
+    for run, r in (("tapo-tapo", 0.5), ("tapo-dapo", 0.4), ("tapo-intra", 0.3)):
+        pd.DataFrame({"step": range(1, 31), "reward": np.linspace(r, r + 0.2, 30), "kept_ratio": 0.5}).to_csv(
+            tmp_path / "rl_logs" / f"{run}-seed0.csv", index=False)
+    pd.DataFrame({"step": [1], "reward": [0.0], "kept_ratio": [0.0]}).to_csv(
+        tmp_path / "rl_logs" / "tapo-tapo-seed1.csv", index=False)
+    (tmp_path / "config.json").write_text(json.dumps({"command": "python -m finer1_lib reproduce"}))
+    got = reproduce.committed(tmp_path, seed=0)
+    assert list(got["logs"]) == ["tapo-dapo", "tapo-intra", "tapo-tapo"]
+    assert got["logs"]["tapo-tapo"]["reward"].iloc[-1] == pytest.approx(0.7)
+    assert got["config"]["command"].startswith("python -m finer1_lib") and list(reproduce.committed(tmp_path, 1)["logs"]) == ["tapo-tapo"]
+    fig = rl_curves(got["logs"], ("reward", "kept_ratio", "kl"), title="long run")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "RL step" and ax.get_ylabel() == "mean reward (0 to 1)"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["CoT SFT + DAPO", "CoT SFT + DAPO + intra-class x_pos",
+                                                                 "Fine-R1 (TAPO)"]
+    assert fig.axes[2].texts[0].get_text() == "not in these logs"                     # no KL column
+    plt.close(fig)
+    with pytest.raises(ValueError, match="unknown TAPO log columns"):
+        rl_curves(got["logs"], ("rewards",))
+
+
 # ------------------------------------------------------------------------------------- one end-to-end run
 
 E2E_METHODS = ("zero-shot", "direct SFT", "CoT SFT", "CoT SFT + DAPO", "Fine-R1 (TAPO)", "tapo-tapo-10x0",
@@ -239,6 +269,8 @@ def test_reproduce_end_to_end_on_smoke_then_everything_cached(tmp_path, capsys, 
     assert logs == ["tapo-dapo-seed0.csv", "tapo-inter-seed0.csv", "tapo-tapo-seed0.csv"]  # 10:0 is "+ inter"
     assert pd.read_csv(out / "rl_logs" / "tapo-tapo-seed0.csv")["step"].tolist() == [1]
     assert list(pd.read_csv(out / "rl_flatness.csv")["state"]) == ["undecided"] * 3      # 1 step: no verdict
+    assert (out / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(reproduce.committed(out)["logs"]) == ["tapo-dapo", "tapo-inter", "tapo-tapo"]
     found = json.loads((out / "verdicts.json").read_text())
     assert [f["id"] for f in found][:2] == ["(i)", "(ii)"] and all(f["verdict"] in (R, N, I) for f in found)
     assert "train + evaluate" in first and "trained 1 RL steps" in (out / "reproduce.log").read_text()
