@@ -32,7 +32,7 @@ from .prompts import extract_tag, split_options
 from .world import SCHEMAS, World
 
 __all__ = ["STEPS", "DIAGNOSED_METHODS", "stated_attributes", "analysis_span", "candidates_span", "diagnose",
-           "diagnosis_table", "diagnose_methods"]
+           "diagnosis_table", "diagnose_methods", "names_in", "hedging", "hedging_table"]
 
 #: The labels of ``diagnose``, in the order the steps happen.
 STEPS = ("right", "no answer", "perception", "recall", "choice", "unstructured")
@@ -192,3 +192,60 @@ def diagnose_methods(profile=None, out=None, seed: int = 0, methods=DIAGNOSED_ME
     tables = {m: diagnosis_table(diagnose(evaluate_method(profile, out, seed, m, progress=progress), world, seen))
               for m in methods}
     return pd.concat(tables, names=["method"])
+
+
+# ------------------------------------------------------------------------------------ several names at once
+
+def names_in(text: str | None, names: Iterable[str]) -> set[str]:
+    """The class names that occur in ``text`` as whole words (case-insensitive); a name inside a longer one
+    ("Taibel" in "Zisol Taibel") counts only when it occurs on its own too."""
+    if not text:
+        return set()
+    low = text.lower()
+    found, taken = set(), []
+    for name in sorted({n.lower() for n in names}, key=len, reverse=True):
+        for m in re.finditer(rf"(?<![\w-]){re.escape(name)}(?![\w-])", low):
+            if not any(a <= m.start() < b for a, b in taken):
+                taken.append((m.start(), m.end()))
+                found.add(name)
+    return found
+
+
+def hedging(results: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
+    """Per answer: how many class names the scored answer holds, and whether it is right with ONE name.
+
+    The official scoring (``metrics.official_answer``: the greedy span from the first ``<answer>`` to the last
+    ``</answer>``; right when the truth is a substring of it) credits an answer that lists several species, and
+    so does the accuracy reward of §4.3 (the truth a substring of the first ``<answer>``). A policy trained long
+    enough on that reward can learn to name several species at once. Columns added: ``names`` (class names in
+    the official answer span), ``several names`` (two or more), ``right with one name`` (the first ``<answer>``
+    element names exactly one class, the truth)."""
+    from .metrics import official_answer
+
+    names = list(names)
+    first_re = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+    rows = []
+    for text, gt in zip(results["output"], results["ground_truth"]):
+        span = official_answer(text if isinstance(text, str) else None)
+        first = first_re.search(text) if isinstance(text, str) else None
+        in_first = names_in(first.group(1), names) if first else set()
+        n = len(names_in(span, names))
+        rows.append({"names": n, "several names": n >= 2,
+                     "right with one name": in_first == {str(gt).lower().replace("_", " ")}})
+    return results.assign(**pd.DataFrame(rows, index=results.index))
+
+
+def hedging_table(frames: dict, names: Iterable[str]) -> pd.DataFrame:
+    """method -> evaluation frame, summarised per (method, mode, split) in percent: the official score, the
+    score with one name required, the share of answers naming several species and the mean names per answer."""
+    names = list(names)
+    out = []
+    for method, frame in frames.items():
+        h = hedging(frame, names)
+        for (mode, split), g in h.groupby(["mode", "split"], sort=True):
+            out.append({"method": method, "mode": mode, "split": split,
+                        "official": 100 * g["correct"].astype(float).mean(),
+                        "one name required": 100 * g["right with one name"].mean(),
+                        "answers naming several species": 100 * g["several names"].mean(),
+                        "names per answer": g["names"].mean()})
+    return pd.DataFrame(out).set_index(["method", "mode", "split"]).round(2)

@@ -435,6 +435,15 @@ def _restore(profile, runs: Path, out: Path, seed: int, methods, canon, log_path
 # ---------------------------------------------------------------------------------------------- running
 
 
+def _shown(path) -> str:
+    """A path as the log shows it: relative to the repository when inside it (no machine path in a committed
+    log), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _emit(log_path, text: str) -> None:
     line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
     print(line, flush=True)
@@ -525,13 +534,13 @@ def reproduce(profile=None, out=None, seeds=(0, 1, 2), runs=None, methods=ALL_ME
     before = plan(profile, out, seeds, runs, methods, analysis)
     text = format_plan(before)
     if dry_run:
-        print(f"reproduce plan: profile {profile.name}, seeds {list(seeds)}, runs in {runs}\n{text}")
+        print(f"reproduce plan: profile {profile.name}, seeds {list(seeds)}, runs in {_shown(runs)}\n{text}")
         return {"plan": before, "results": None, "ran": [], "cached": []}
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
     log_path = out / "reproduce.log"
     start = time.perf_counter()
-    _emit(log_path, f"reproduce: profile {profile.name}, seeds {list(seeds)}, runs in {runs}"
+    _emit(log_path, f"reproduce: profile {profile.name}, seeds {list(seeds)}, runs in {_shown(runs)}"
                     + (f"; command: {command}" if command else "") + f"\n{text}")
     write_json(out / "config.json", {"profile": profile.name, "seeds": list(seeds), "methods": list(methods),
                                      "reproduce": dataclasses.asdict(config), "tapo": _jsonable(profile.tapo),
@@ -599,7 +608,7 @@ def reproduce(profile=None, out=None, seeds=(0, 1, 2), runs=None, methods=ALL_ME
         # phase 4: the tables
         t0 = time.perf_counter()
         report = build_report(profile, out, seeds, runs, methods, analysis, config, wall=time.perf_counter() - start)
-        _emit(log_path, f"report written to {report} in {_hms(time.perf_counter() - t0)}; "
+        _emit(log_path, f"report written to {_shown(report)} in {_hms(time.perf_counter() - t0)}; "
                         f"this invocation: {_hms(time.perf_counter() - start)}")
     except KeyboardInterrupt:
         _emit(log_path, f"interrupted after {_hms(time.perf_counter() - start)}: finished pieces are kept; "
@@ -917,7 +926,36 @@ def build_report(profile, out, seeds, runs=None, methods=ALL_METHODS, analysis: 
     findings = _findings(per_image, seeds, methods, runs, analysis, config)
     write_json(out / "verdicts.json", json.loads(json.dumps(findings, default=_json_default)))
     text = _results_md(profile, out, runs, seeds, methods, canon, tables, findings, flat, analysis, config, wall)
+    text += _hedging_section(profile, out, frames, seeds, methods)
     return atomic_write_text(out / "results.md", text)
+
+
+def _hedging_section(profile, out: Path, frames: dict, seeds, methods) -> str:
+    """``hedging.csv`` and its section of results.md (micro world: the class names are known): how much of each
+    method's official score comes from answers that name several species (``diagnose.hedging``)."""
+    import pandas as pd
+
+    from .diagnose import hedging_table
+    from .world import World
+
+    if profile.world != "micro":
+        return ""
+    world = World(profile.world_seed, profile.image_size, profile.n_genera)
+    names = [s.name for s in world.species]
+    table = pd.concat({s: hedging_table({m: frames[s, m] for m in methods}, names) for s in seeds}, names=["seed"])
+    atomic_write_text(out / "hedging.csv", table.to_csv())
+    mean = table.groupby(level=["method", "mode", "split"], sort=False).mean().round(1)
+    mean = mean.rename(index=lambda m: LABELS.get(m, m), level="method")
+    flat = mean.reset_index()
+    flat.index = [f"{r.method} ({r.mode}, {r.split})" for r in flat.itertuples()]
+    flat.index.name = "method (world, split)"
+    flat = flat.drop(columns=["method", "mode", "split"])
+    return ("\n## Answers that name several species (is the score earned with one name?)\n\n"
+            "The official scoring credits an answer when the truth is a substring of the span from the first "
+            "`<answer>` to the last `</answer>`, and the accuracy reward of §4.3 when it is a substring of the first "
+            "`<answer>`: an answer listing several species scores as right. `one name required`: the first "
+            "`<answer>` names exactly one class, the truth. Mean over seeds; per seed in `hedging.csv` "
+            "(`finer1_lib.diagnose.hedging`).\n\n" + _md(flat) + "\n")
 
 
 def _curves_figure(out: Path, seed: int) -> Path | None:

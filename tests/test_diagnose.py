@@ -83,3 +83,28 @@ def test_diagnosis_needs_the_micro_world():
 
     with pytest.raises(ValueError, match="needs the micro world"):
         diagnose_methods("qwen2.5-vl-3b")
+
+
+def test_hedging_counts_names_and_requires_one_name():
+    """An answer listing two species is right under the official (substring) scoring but not with one name
+    required; a name inside a longer one is not counted twice; no tags -> no names, not right."""
+    from finer1_lib.diagnose import hedging, hedging_table, names_in
+
+    names = ["Zisol Taibel", "Skoufur Taibel", "Taibel"]
+    assert names_in("the Zisol Taibel or the skoufur taibel", names) == {"zisol taibel", "skoufur taibel"}
+    assert names_in("a Taibel, the Zisol Taibel", names) == {"taibel", "zisol taibel"}
+    assert names_in(None, names) == set()
+    df = pd.DataFrame({"output": ["<think>x</think><answer>Zisol Taibel</answer>",
+                                  "<think>x</think><answer>Zisol Taibel</answer>so<answer>Skoufur Taibel</answer>",
+                                  "<think>x</think><answer>Skoufur Taibel, Zisol Taibel</answer>", "no tags"],
+                       "ground_truth": ["Zisol Taibel", "Skoufur Taibel", "Skoufur Taibel", "Zisol Taibel"],
+                       "correct": [True, True, True, False], "mode": "closed",
+                       "split": ["seen", "seen", "unseen", "unseen"]})
+    h = hedging(df, names)
+    assert h["names"].tolist() == [1, 2, 2, 0]
+    assert h["right with one name"].tolist() == [True, False, False, False]
+    t = hedging_table({"m": df}, names)
+    assert t.loc[("m", "closed", "seen"), "official"] == 100.0
+    assert t.loc[("m", "closed", "seen"), "one name required"] == 50.0
+    assert t.loc[("m", "closed", "unseen"), "answers naming several species"] == 50.0
+    assert t.loc[("m", "closed", "seen"), "names per answer"] == 1.5
