@@ -35,16 +35,40 @@ def add_result(section: str, markdown: str, run_dir: str | Path | None = None) -
     return atomic_write_text(path, markdown.rstrip() + "\n")
 
 
+def _report_blocks(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """An existing results.md split into its notebook sections (key: the notebook's number, e.g. "04", "00b",
+    from "## 04 · ...") and the rows of its run-time table (notebook -> seconds, as written)."""
+    blocks, times, key, lines = {}, {}, None, []
+    for line in text.splitlines() + ["## end"]:
+        if line.startswith("## "):
+            if key == "Run":
+                for row in lines:
+                    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+                    if len(cells) == 2 and cells[0].endswith(".ipynb"):
+                        times[cells[0]] = cells[1]
+            elif key is not None:
+                blocks[key] = "\n".join(lines).rstrip() + "\n"
+            key, lines = line[3:].split(" ", 1)[0], [line]
+        elif key is not None:
+            lines.append(line)
+    return blocks, times
+
+
 def collect_report(profile: Profile, run_dir: Path, timings: dict[str, float] | None = None) -> Path:
+    """results.md from this run's sections; a notebook this run did not execute (``tutorial --only``) keeps its
+    section and run time from the results.md already there, so a partial rerun never drops the others."""
+    target = profile.figures_dir(run_dir) / "results.md"
+    old_blocks, old_times = _report_blocks(target.read_text()) if target.is_file() else ({}, {})
+    sections = {p.stem.split("_", 1)[0]: p.read_text() for p in sorted((run_dir / "results").glob("*.md"))}
+    merged = {**{k: v for k, v in old_blocks.items() if k not in sections}, **sections}
     parts = [f"# Fine-R1 tutorial results (profile `{profile.name}`)\n",
              "Produced by `python -m finer1_lib tutorial`. Micro-world numbers: compare shapes with the paper, "
              "not values.\n"]
-    for p in sorted((run_dir / "results").glob("*.md")):
-        parts.append(p.read_text())
-    if timings:
+    parts += [merged[k] for k in sorted(merged)]
+    times = {**old_times, **{k: f"{v:.0f}" for k, v in (timings or {}).items()}}
+    if times:
         parts.append("## Run time\n\n| notebook | seconds |\n|---|---|\n"
-                     + "".join(f"| {k} | {v:.0f} |\n" for k, v in timings.items()))
-    target = profile.figures_dir(run_dir) / "results.md"
+                     + "".join(f"| {k} | {times[k]} |\n" for k in sorted(times)))
     return atomic_write_text(target, "\n".join(parts))
 
 
