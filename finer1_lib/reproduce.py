@@ -453,8 +453,7 @@ def _emit(log_path, text: str) -> None:
 
 
 def _timing(out, name: str, record: dict) -> None:
-    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
-    write_json(Path(out) / "timings" / f"{safe}.json", record)
+    write_json(Path(out) / "timings" / f"{_safe(name)}.json", record)
 
 
 def _method_job(profile, runs, out, seed: int, method: str, log_path=None) -> dict:
@@ -990,7 +989,9 @@ def committed(out=None, seed: int = 0) -> dict:
     logs = {}
     for f in sorted((out / "rl_logs").glob(f"*-seed{seed}.csv")) if (out / "rl_logs").is_dir() else ():
         logs[f.name[: -len(f"-seed{seed}.csv")]] = pd.read_csv(f)
-    order = ["tapo-dapo", "tapo-intra", "tapo-inter", "tapo-tapo"]
+    from .plots import METHOD_NAMES
+
+    order = list(METHOD_NAMES)  # DAPO, + intra, + inter, TAPO: Fig. 3c's order
     logs = dict(sorted(logs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     ev = out / f"evaluation-seed{seed}.csv"
     flat = out / "rl_flatness.csv"
