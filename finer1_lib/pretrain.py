@@ -76,7 +76,7 @@ __all__ = ["STAGES", "TASKS", "make_example", "pretrain_batch", "pretrain", "cos
            "read_log", "ship_model", "stage_key", "parameter_groups", "pretrain_corpus"]
 
 STAGES = ("text", "vision", "align", "instruct")
-TASKS = ("caption", "attribute", "super", "knowledge", "naming", "reasoning", "choice", "coarse_choice")
+TASKS = ("caption", "attribute", "super", "knowledge", "naming", "reasoning", "choice", "coarse_choice", "cot_choice")
 _FRESH = 10**6  # caption/attribute/super/choice images are drawn from pretrain-pool indices >= naming_images
 GENUS_QUESTION = "Which genus does this {word} belong to?"
 COARSE_CHOICE_WORDS = "Of the options, the is a an; so it is the."  # the coarse_choice rationale's own words
@@ -113,13 +113,11 @@ def _choice_example(world: World, sp, rng: random.Random, image) -> ChatExample:
     return ChatExample(closed_world_prompt(question, options), format_answer(think, truth), image)
 
 
-def _coarse_choice_example(world: World, sp, rng: random.Random, image) -> ChatExample:
-    """The closed-world prompt with an official species question and four species: the true one and three of
-    other genera (half the time of other super-categories too), so perceiving the genus is enough. The rationale
-    first reads the options (each one's genus, the last word of its name), then the image's genus, then copies
-    the one option of that genus: the answer is taken from the options, not named from memory."""
-    word = SUPER_CATEGORY_WORD[sp.super_category]
-    same_super = rng.random() < 0.5
+def _coarse_options(world: World, sp, rng: random.Random, same_super: bool | None = None) -> list:
+    """``sp`` and three species of three other genera, shuffled: options where perceiving the genus is enough to
+    choose. The others share ``sp``'s super-category when ``same_super``, else not; None: half the time each."""
+    if same_super is None:
+        same_super = rng.random() < 0.5
     pool = [s for s in world.species if s.genus != sp.genus and (s.super_category == sp.super_category) == same_super]
     if len({s.genus for s in pool}) < 3:  # too few genera of this kind: any other genus
         pool = [s for s in world.species if s.genus != sp.genus]
@@ -130,13 +128,35 @@ def _coarse_choice_example(world: World, sp, rng: random.Random, image) -> ChatE
             genera.add(s.genus)
         if len(others) == 3:
             break
-    shown = rng.sample([sp] + others, 4)
+    return rng.sample([sp] + others, 4)
+
+
+def _coarse_choice_example(world: World, sp, rng: random.Random, image) -> ChatExample:
+    """The closed-world prompt with an official species question and four species: the true one and three of
+    other genera (``_coarse_options``), so perceiving the genus is enough. The rationale first reads the options
+    (each one's genus, the last word of its name), then the image's genus, then copies the one option of that
+    genus: the answer is taken from the options, not named from memory."""
+    word = SUPER_CATEGORY_WORD[sp.super_category]
+    shown = _coarse_options(world, sp, rng)
     feats = join_phrases([d.say(sp.attributes[d.name]) for d in SCHEMAS[sp.super_category].genus_dims])
     read = "; ".join(f"the {s.name} is {article(s.genus)} {s.genus}" for s in shown)
     think = (f"Of the options, {read}. This is {article(word)} {word} with {feats}, like every {sp.genus} {word}, "
              f"so it is the {sp.name}.")
     question = rng.choice(question_templates(sp.super_category))
     return ChatExample(closed_world_prompt(question, [s.name for s in shown]), format_answer(think, sp.name), image)
+
+
+def _cot_choice_example(world: World, sp, rng: random.Random, image) -> ChatExample:
+    """The closed-world prompt (official species question, the ``_coarse_options``) answered in the structured
+    reasoning of paper Table 5: the image's attributes, the **given options** as the candidates (in the prompt's
+    order), each compared with its field-guide attributes, the matching one. The CoT SFT set writes the same
+    format with candidates from memory (its prompts have no options); this task is where the base model meets
+    that format with options in the prompt, so the format does not arrive without the skill of choosing.
+    The options share the super-category (the comparison reads each option's attributes of that schema)."""
+    shown = _coarse_options(world, sp, rng, same_super=True)
+    response = write_rationale(sp.super_category, dict(sp.attributes), shown, sp.name, rng)
+    question = rng.choice(question_templates(sp.super_category))
+    return ChatExample(closed_world_prompt(question, [s.name for s in shown]), response, image)
 
 
 def make_example(world: World, task: str, rng: random.Random, naming_images: int = 2) -> ChatExample:
@@ -155,6 +175,8 @@ def make_example(world: World, task: str, rng: random.Random, naming_images: int
         return _choice_example(world, sp, rng, fresh())
     if task == "coarse_choice":
         return _coarse_choice_example(world, sp, rng, fresh())
+    if task == "cot_choice":
+        return _cot_choice_example(world, sp, rng, fresh())
     if task == "naming":
         img = world.render(sp.name, "pretrain", rng.randrange(naming_images))
         prompts = NAME_PROMPTS + tuple(question_templates(sp.super_category))  # incl. the official questions

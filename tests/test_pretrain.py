@@ -423,3 +423,29 @@ def test_coarse_choice_offers_the_true_species_as_the_only_one_of_its_genus(worl
         assert question in question_templates(truth.super_category)
         same_super += all(world.get(o).super_category == truth.super_category for o in options)
     assert 20 < same_super < 60  # about half: distractors of the same super-category, else of others
+
+
+def test_cot_choice_writes_table5_with_the_given_options_as_candidates(world):
+    """cot_choice: the closed-world prompt with four species of four genera of one super-category, answered in
+    Table 5's structure whose <options> are the prompt's options in the prompt's order, whose analysis is the
+    image's species' attributes, and whose prediction and answer are the true species."""
+    import re
+
+    from finer1_lib.prompts import parse_response
+
+    rng = random.Random(3)
+    for _ in range(40):
+        ex = make_example(world, "cot_choice", rng)
+        options = eval(ex.prompt.split("based on the options provided in ")[1].split(", output the thinking")[0])
+        answer = parse_response(ex.response)["answer"]
+        truth = world.get(answer)
+        assert ex.image is not None and len(options) == 4 and answer in options
+        assert len({world.get(o).genus for o in options}) == 4
+        assert {world.get(o).super_category for o in options} == {truth.super_category}
+        think = parse_response(ex.response)["think"]
+        assert re.search(r"<analysis>.*</analysis><options>.*</options><comparison>.*</comparison>"
+                         r"<prediction>.*</prediction>", think, re.S)
+        assert think.split("<options>")[1].split("</options>")[0] == ", ".join(options)
+        assert think.split("<prediction>")[1].split("</prediction>")[0] == answer
+        analysis = think.split("<analysis>")[1].split("</analysis>")[0]
+        assert all(phrase in analysis for phrase in truth.phrases())
