@@ -32,7 +32,8 @@ from .prompts import extract_tag, split_options
 from .world import SCHEMAS, World
 
 __all__ = ["STEPS", "DIAGNOSED_METHODS", "stated_attributes", "analysis_span", "candidates_span", "diagnose",
-           "diagnosis_table", "diagnose_methods", "names_in", "hedging", "hedging_table"]
+           "diagnosis_table", "diagnose_methods", "names_in", "hedging", "hedging_table",
+           "stopping", "stopping_table"]
 
 #: The labels of ``diagnose``, in the order the steps happen.
 STEPS = ("right", "no answer", "perception", "recall", "choice", "unstructured")
@@ -248,4 +249,40 @@ def hedging_table(frames: dict, names: Iterable[str]) -> pd.DataFrame:
                         "one name required": 100 * g["right with one name"].mean(),
                         "answers naming several species": 100 * g["several names"].mean(),
                         "names per answer": g["names"].mean()})
+    return pd.DataFrame(out).set_index(["method", "mode", "split"]).round(2)
+
+
+def stopping(results: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
+    """Per answer: does the model stop after its answer? Columns added: ``answer tags`` (how many ``<answer>``
+    the output opens), ``clean single answer`` (exactly one, and the output ends with its ``</answer>``) and
+    ``several names in first answer`` (the first ``<answer>`` element lists two or more classes).
+
+    A policy that keeps writing after ``</answer>`` (``</answer>Name</answer>...``) puts more names inside the
+    official answer span, so the two failure modes behind a hedged score are told apart: not stopping, and
+    listing names in one answer."""
+    names = list(names)
+    first_re = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+    rows = []
+    for text in results["output"]:
+        text = text if isinstance(text, str) else ""
+        tags = text.count("<answer>")
+        first = first_re.search(text)
+        rows.append({"answer tags": tags,
+                     "clean single answer": tags == 1 and text.rstrip().endswith("</answer>"),
+                     "several names in first answer": bool(first) and len(names_in(first.group(1), names)) >= 2})
+    return results.assign(**pd.DataFrame(rows, index=results.index))
+
+
+def stopping_table(frames: dict, names: Iterable[str]) -> pd.DataFrame:
+    """method -> evaluation frame, summarised per (method, mode, split) in percent: answers that open several
+    ``<answer>`` tags, answers whose first ``<answer>`` lists several classes, clean single answers."""
+    names = list(names)
+    out = []
+    for method, frame in frames.items():
+        st = stopping(frame, names)
+        for (mode, split), g in st.groupby(["mode", "split"], sort=True):
+            out.append({"method": method, "mode": mode, "split": split,
+                        "several <answer> tags": 100 * (g["answer tags"] > 1).mean(),
+                        "several names in the first answer": 100 * g["several names in first answer"].mean(),
+                        "clean single answer": 100 * g["clean single answer"].mean()})
     return pd.DataFrame(out).set_index(["method", "mode", "split"]).round(2)

@@ -929,32 +929,49 @@ def build_report(profile, out, seeds, runs=None, methods=ALL_METHODS, analysis: 
     return atomic_write_text(out / "results.md", text)
 
 
-def _hedging_section(profile, out: Path, frames: dict, seeds, methods) -> str:
-    """``hedging.csv`` and its section of results.md (micro world: the class names are known): how much of each
-    method's official score comes from answers that name several species (``diagnose.hedging``)."""
+def _answer_table(profile, out: Path, frames: dict, seeds, methods, table_fn, csv_name: str):
+    """A per-seed ``diagnose`` table of every method's answers, written to ``out/csv_name``, and its mean over
+    seeds flattened to one row per (method, world, split) for results.md; None off the micro world (the class
+    names are known there only)."""
     import pandas as pd
 
-    from .diagnose import hedging_table
     from .world import World
 
     if profile.world != "micro":
-        return ""
+        return None
     world = World(profile.world_seed, profile.image_size, profile.n_genera)
     names = [s.name for s in world.species]
-    table = pd.concat({s: hedging_table({m: frames[s, m] for m in methods}, names) for s in seeds}, names=["seed"])
-    atomic_write_text(out / "hedging.csv", table.to_csv())
+    table = pd.concat({s: table_fn({m: frames[s, m] for m in methods}, names) for s in seeds}, names=["seed"])
+    atomic_write_text(out / csv_name, table.to_csv())
     mean = table.groupby(level=["method", "mode", "split"], sort=False).mean().round(1)
     mean = mean.rename(index=lambda m: LABELS.get(m, m), level="method")
     flat = mean.reset_index()
     flat.index = [f"{r.method} ({r.mode}, {r.split})" for r in flat.itertuples()]
     flat.index.name = "method (world, split)"
-    flat = flat.drop(columns=["method", "mode", "split"])
+    return flat.drop(columns=["method", "mode", "split"])
+
+
+def _hedging_section(profile, out: Path, frames: dict, seeds, methods) -> str:
+    """``hedging.csv`` and ``stopping.csv`` and their sections of results.md: how much of each method's official
+    score comes from answers that name several species (``diagnose.hedging``), and whether the answers stop
+    after ``</answer>`` (``diagnose.stopping``)."""
+    from .diagnose import hedging_table, stopping_table
+
+    flat = _answer_table(profile, out, frames, seeds, methods, hedging_table, "hedging.csv")
+    if flat is None:
+        return ""
+    stops = _answer_table(profile, out, frames, seeds, methods, stopping_table, "stopping.csv")
     return ("\n## Answers that name several species (is the score earned with one name?)\n\n"
             "The official scoring credits an answer when the truth is a substring of the span from the first "
             "`<answer>` to the last `</answer>`, and the accuracy reward of §4.3 when it is a substring of the first "
             "`<answer>`: an answer listing several species scores as right. `one name required`: the first "
             "`<answer>` names exactly one class, the truth. Mean over seeds; per seed in `hedging.csv` "
-            "(`finer1_lib.diagnose.hedging`).\n\n" + _md(flat) + "\n")
+            "(`finer1_lib.diagnose.hedging`).\n\n" + _md(flat) + "\n"
+            "\n## Does the answer stop after `</answer>`?\n\n"
+            "Two ways to put several names in the official span: writing on after `</answer>` (several `<answer>` "
+            "tags) and listing names inside one answer. `clean single answer`: one `<answer>`, nothing after its "
+            "`</answer>`. Mean over seeds; per seed in `stopping.csv` (`finer1_lib.diagnose.stopping`).\n\n"
+            + _md(stops) + "\n")
 
 
 def _curves_figure(out: Path, seed: int) -> Path | None:

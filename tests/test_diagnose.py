@@ -108,3 +108,24 @@ def test_hedging_counts_names_and_requires_one_name():
     assert t.loc[("m", "closed", "seen"), "one name required"] == 50.0
     assert t.loc[("m", "closed", "unseen"), "answers naming several species"] == 50.0
     assert t.loc[("m", "closed", "seen"), "names per answer"] == 1.5
+
+
+def test_stopping_tells_not_stopping_from_listing():
+    """Writing on after </answer> (several <answer> tags) and listing names inside one answer are counted
+    apart; only one tag with nothing after it is a clean single answer."""
+    from finer1_lib.diagnose import stopping, stopping_table
+
+    names = ["Zisol Taibel", "Skoufur Taibel"]
+    df = pd.DataFrame({"output": ["<think>x</think><answer>Zisol Taibel</answer>\n",
+                                  "<think>x</think><answer>Zisol Taibel</answer>so<answer>Skoufur Taibel</answer>",
+                                  "<think>x</think><answer>Skoufur Taibel, Zisol Taibel</answer>",
+                                  "<think>x</think><answer>Zisol Taibel</answer> and then", None],
+                       "mode": "closed", "split": ["seen", "seen", "unseen", "unseen", "unseen"]})
+    st = stopping(df, names)
+    assert st["answer tags"].tolist() == [1, 2, 1, 1, 0]
+    assert st["clean single answer"].tolist() == [True, False, True, False, False]
+    assert st["several names in first answer"].tolist() == [False, False, True, False, False]
+    t = stopping_table({"m": df}, names)
+    assert t.loc[("m", "closed", "seen"), "several <answer> tags"] == 50.0
+    assert t.loc[("m", "closed", "unseen"), "several names in the first answer"] == round(100 / 3, 2)
+    assert t.loc[("m", "closed", "unseen"), "clean single answer"] == round(100 / 3, 2)

@@ -274,6 +274,11 @@ def test_reproduce_end_to_end_on_smoke_then_everything_cached(tmp_path, capsys, 
     found = json.loads((out / "verdicts.json").read_text())
     assert [f["id"] for f in found][:2] == ["(i)", "(ii)"] and all(f["verdict"] in (R, N, I) for f in found)
     assert "train + evaluate" in first and "trained 1 RL steps" in (out / "reproduce.log").read_text()
+    for name, cols in (("hedging.csv", {"official", "one name required"}),
+                       ("stopping.csv", {"several <answer> tags", "clean single answer"})):
+        table = pd.read_csv(out / name)
+        assert cols <= set(table.columns) and {"zero-shot", "CoT SFT", "Fine-R1 (TAPO)"} <= set(table["method"]), name
+    assert "## Does the answer stop after `</answer>`?" in md
 
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
     again = reproduce.reproduce(profile, out, **kw)
