@@ -236,20 +236,26 @@ def hedging(results: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
     return results.assign(**pd.DataFrame(rows, index=results.index))
 
 
-def hedging_table(frames: dict, names: Iterable[str]) -> pd.DataFrame:
-    """method -> evaluation frame, summarised per (method, mode, split) in percent: the official score, the
-    score with one name required, the share of answers naming several species and the mean names per answer."""
+def _per_group(frames: dict, names: Iterable[str], annotate, columns: dict) -> pd.DataFrame:
+    """method -> evaluation frame: ``annotate(frame, names)`` per answer, then ``columns`` (name -> function of
+    the answers of one (mode, split) group) per (method, mode, split), rounded to 2 decimals."""
     names = list(names)
     out = []
     for method, frame in frames.items():
-        h = hedging(frame, names)
-        for (mode, split), g in h.groupby(["mode", "split"], sort=True):
+        for (mode, split), g in annotate(frame, names).groupby(["mode", "split"], sort=True):
             out.append({"method": method, "mode": mode, "split": split,
-                        "official": 100 * g["correct"].astype(float).mean(),
-                        "one name required": 100 * g["right with one name"].mean(),
-                        "answers naming several species": 100 * g["several names"].mean(),
-                        "names per answer": g["names"].mean()})
+                        **{col: fn(g) for col, fn in columns.items()}})
     return pd.DataFrame(out).set_index(["method", "mode", "split"]).round(2)
+
+
+def hedging_table(frames: dict, names: Iterable[str]) -> pd.DataFrame:
+    """method -> evaluation frame, summarised per (method, mode, split) in percent: the official score, the
+    score with one name required, the share of answers naming several species and the mean names per answer."""
+    return _per_group(frames, names, hedging, {
+        "official": lambda g: 100 * g["correct"].astype(float).mean(),
+        "one name required": lambda g: 100 * g["right with one name"].mean(),
+        "answers naming several species": lambda g: 100 * g["several names"].mean(),
+        "names per answer": lambda g: g["names"].mean()})
 
 
 def stopping(results: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
@@ -276,13 +282,7 @@ def stopping(results: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
 def stopping_table(frames: dict, names: Iterable[str]) -> pd.DataFrame:
     """method -> evaluation frame, summarised per (method, mode, split) in percent: answers that open several
     ``<answer>`` tags, answers whose first ``<answer>`` lists several classes, clean single answers."""
-    names = list(names)
-    out = []
-    for method, frame in frames.items():
-        st = stopping(frame, names)
-        for (mode, split), g in st.groupby(["mode", "split"], sort=True):
-            out.append({"method": method, "mode": mode, "split": split,
-                        "several <answer> tags": 100 * (g["answer tags"] > 1).mean(),
-                        "several names in the first answer": 100 * g["several names in first answer"].mean(),
-                        "clean single answer": 100 * g["clean single answer"].mean()})
-    return pd.DataFrame(out).set_index(["method", "mode", "split"]).round(2)
+    return _per_group(frames, names, stopping, {
+        "several <answer> tags": lambda g: 100 * (g["answer tags"] > 1).mean(),
+        "several names in the first answer": lambda g: 100 * g["several names in first answer"].mean(),
+        "clean single answer": lambda g: 100 * g["clean single answer"].mean()})

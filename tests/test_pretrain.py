@@ -398,22 +398,29 @@ def test_pretrain_without_settings_is_an_error(tmp_path):
         pretrain(profiles.PROFILES["qwen2.5-vl-3b"], tmp_path, progress=False)
 
 
+def _species_choice(world, ex):
+    """A species-choice example's (options, answer, true species, rationale), after the checks both species-choice
+    tasks share: an image, four options of four genera (only the truth is of its genus), the answer among them."""
+    from finer1_lib.prompts import parse_response
+
+    options = eval(ex.prompt.split("based on the options provided in ")[1].split(", output the thinking")[0])
+    parsed = parse_response(ex.response)
+    answer = parsed["answer"]
+    assert ex.image is not None and len(options) == 4 and answer in options
+    assert len({world.get(o).genus for o in options}) == 4
+    return options, answer, world.get(answer), parsed["think"]
+
+
 def test_coarse_choice_offers_the_true_species_as_the_only_one_of_its_genus(world):
     """coarse_choice: the official species question with four species of four genera; the answer is the true
     species (the genus is enough), so the model learns to answer from species options without fine naming."""
-    from finer1_lib.prompts import parse_response
     from finer1_lib.protocol import question_templates
 
     rng = random.Random(7)
     same_super = 0
     for _ in range(80):
         ex = make_example(world, "coarse_choice", rng)
-        options = eval(ex.prompt.split("based on the options provided in ")[1].split(", output the thinking")[0])
-        answer = parse_response(ex.response)["answer"]
-        truth = world.get(answer)
-        assert ex.image is not None and len(options) == 4 and answer in options
-        assert len({world.get(o).genus for o in options}) == 4  # only the true species is of its genus
-        think = parse_response(ex.response)["think"]
+        options, answer, truth, think = _species_choice(world, ex)
         read = think.split(". This is")[0]  # the rationale reads every option and its genus before the image
         assert all(f"the {o} is {article(world.get(o).genus)} {world.get(o).genus}" in read
                    for o in options), think
@@ -431,18 +438,11 @@ def test_cot_choice_writes_table5_with_the_given_options_as_candidates(world):
     image's species' attributes, and whose prediction and answer are the true species."""
     import re
 
-    from finer1_lib.prompts import parse_response
-
     rng = random.Random(3)
     for _ in range(40):
         ex = make_example(world, "cot_choice", rng)
-        options = eval(ex.prompt.split("based on the options provided in ")[1].split(", output the thinking")[0])
-        answer = parse_response(ex.response)["answer"]
-        truth = world.get(answer)
-        assert ex.image is not None and len(options) == 4 and answer in options
-        assert len({world.get(o).genus for o in options}) == 4
+        options, answer, truth, think = _species_choice(world, ex)
         assert {world.get(o).super_category for o in options} == {truth.super_category}
-        think = parse_response(ex.response)["think"]
         assert re.search(r"<analysis>.*</analysis><options>.*</options><comparison>.*</comparison>"
                          r"<prediction>.*</prediction>", think, re.S)
         assert think.split("<options>")[1].split("</options>")[0] == ", ".join(options)
