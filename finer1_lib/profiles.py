@@ -71,7 +71,9 @@ class Profile:
 
 # Pretraining (finer1_lib.pretrain): four stages, as real MLLMs are built. `train` maps the parameter groups
 # that learn in a stage (vision tower, merger, language model) to a learning-rate scale; the rest is frozen.
-# Mixture tasks: caption / attribute / super / choice (image), knowledge / reasoning (text), naming (rare).
+# Mixture tasks: caption / attribute / super / choice / coarse_choice / cot_choice (image), knowledge / reasoning
+# (text), naming (rare). cot_choice (the closed-world prompt answered in Table 5 with the options as candidates)
+# keeps choosing alive through CoT SFT (data/results/base-model-cot-choice-probe/).
 _PRETRAIN_STAGES = dict(
     text=dict(steps=800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=100, train=dict(language=1.0),
               mixture=dict(knowledge=0.6, reasoning=0.4)),
@@ -80,8 +82,8 @@ _PRETRAIN_STAGES = dict(
                mixture=dict(caption=0.6, attribute=0.3, super=0.1)),
     instruct=dict(steps=1500, batch_size=16, lr=5e-4, min_lr=5e-5, warmup=100,
                   train=dict(merger=1.0, language=1.0),
-                  mixture=dict(caption=0.11, attribute=0.09, super=0.02, choice=0.18, coarse_choice=0.15,
-                               knowledge=0.18, naming=0.06, reasoning=0.21)),
+                  mixture=dict(caption=0.11, attribute=0.09, super=0.02, choice=0.18, coarse_choice=0.08,
+                               cot_choice=0.10, knowledge=0.18, naming=0.06, reasoning=0.18)),
 )
 PRETRAIN_MIXTURE = _PRETRAIN_STAGES["instruct"]["mixture"]
 
