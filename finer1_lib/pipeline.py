@@ -263,20 +263,25 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     return summary
 
 
-def shipping_metrics(model_dir, out=None, progress: bool = False, world_seed: int | None = None) -> dict:
-    """The base model's shape on the smoke and cpu benchmarks (seed 0), for the shipped manifest.
+def shipping_metrics(model_dir, out=None, progress: bool = False, world_seed: int | None = None,
+                     benchmarks=("smoke", "cpu")) -> dict:
+    """The base model's shape on the smoke and cpu benchmarks (seed 0), for the shipped manifest; its zero-shot
+    answers go to ``<model_dir>/../zero-shot/`` (shipped with it, reused by ``evaluate_method``).
 
     ``world_seed``: measure on another micro world (its benchmarks go to ``<out>/benchmark-seed0-world<N>``,
     never beside the default world's cached images)."""
     from .benchmark import build_benchmark
+    from .evaluate import evaluate_model
+    from .io import atomic_write_text
     from .knowledge import base_model_metrics
     from .model import load_model
     from .profiles import PROFILES
     from .world import World
 
     model, processor = load_model(model_dir)
+    key = base_model_key(get_profile("cpu").replace(model=str(model_dir)))
     metrics = {}
-    for name in ("smoke", "cpu"):
+    for name in benchmarks:
         profile = PROFILES[name]
         folder = Path(out or PROFILES[name].run_dir()) / "benchmark-seed0"
         if world_seed is not None and world_seed != profile.world_seed:
@@ -285,9 +290,15 @@ def shipping_metrics(model_dir, out=None, progress: bool = False, world_seed: in
         elif out is not None:
             folder = Path(out) / f"{name}-benchmark-seed0"
         bench = build_benchmark(profile, folder, seed=0, progress=False)
+        results = evaluate_model(model, processor, bench, profile, progress=progress)
+        if world_seed is None or world_seed == PROFILES[name].world_seed:
+            # shipped beside the model (ship_model copies zero-shot/): the tutorial reuses it instead of
+            # regenerating every answer; the file name holds the model, benchmark, settings and scoring
+            atomic_write_text(Path(model_dir).parent / "zero-shot" / zero_shot_file(profile, bench, key),
+                              results.to_csv(index=False))
         metrics[f"{name} benchmark, seed 0"] = base_model_metrics(
             model, processor, bench, World(profile.world_seed, profile.image_size, profile.n_genera), profile,
-            progress=progress)
+            progress=progress, results=results)
     return metrics
 
 
@@ -505,23 +516,49 @@ def method_key(profile=None, out=None, seed: int = 0, method: str = "zero-shot")
 EVAL_SCORING = "official-v1"
 
 
-def _eval_cache(profile: Profile, out, seed: int, method: str) -> Path:
-    """Where ``evaluate_method`` caches a method's evaluation: next to the model it evaluates, named by a hash
-    of the model's key, the prompt and the evaluation settings (another model or setting: another file)."""
-    key, think = _method_key(method)
-    bench = get_benchmark(profile, out, seed)
+def _eval_name(profile: Profile, bench: Benchmark, model_key: str, think: bool) -> str:
+    """The file-name hash of an evaluation: the model's key, the prompt, the evaluation settings, the benchmark
+    and the scoring rule (another model or setting: another file)."""
     settings = {k: v for k, v in profile.eval.items() if k in ("max_new_tokens", "batch_size")}
     # the scoring rule is part of the key: a CSV scored under other rules is never reused
-    name = digest({"model": method_key(profile, out, seed, method), "think": think, "eval": settings,
-                   "bench": bench_key(bench), "scoring": EVAL_SCORING}, 12)
+    return digest({"model": model_key, "think": think, "eval": settings, "bench": bench_key(bench),
+                   "scoring": EVAL_SCORING}, 12)
+
+
+def zero_shot_file(profile: Profile, bench: Benchmark, model_key: str | None = None, think: bool = False) -> str:
+    """The file name of the base model's zero-shot evaluation on ``bench`` (``model_key``: default the profile's
+    base model). The same name in the benchmark folder (the cache) and in the shipped model's ``zero-shot/``."""
+    name = _eval_name(profile, bench, model_key or base_model_key(profile), think)
+    return f"eval-zero-shot{'-step-by-step' if think else ''}-{name}.csv"
+
+
+def _eval_cache(profile: Profile, out, seed: int, method: str) -> Path:
+    """Where ``evaluate_method`` caches a method's evaluation: next to the model it evaluates, named by
+    ``_eval_name`` (the base model's: in the benchmark folder, named by ``zero_shot_file``)."""
+    key, think = _method_key(method)
+    bench = get_benchmark(profile, out, seed)
     if key == "base":
-        return bench.root / f"eval-zero-shot{'-step-by-step' if think else ''}-{name}.csv"
+        return bench.root / zero_shot_file(profile, bench, think=think)
+    name = _eval_name(profile, bench, method_key(profile, out, seed, method), think)
     if key == "clip":
         return _run_dir(profile, out) / f"clip-seed{seed}" / f"eval-{name}.csv"
     if key.startswith("sft-"):
         return _run_dir(profile, out) / f"sft-{key[4:]}-seed{seed}" / f"eval-{name}.csv"
     variant, n1, n2 = _tapo_key(key)
     return _run_dir(profile, out) / _tapo_folder(variant, seed, n1, n2) / f"eval-{name}.csv"
+
+
+def _shipped_eval(profile: Profile, cache: Path, method: str) -> Path | None:
+    """The base model's evaluation measured when it was shipped (``shipping_metrics``), if this cache is one."""
+    shipped = Path(profile.model) / "zero-shot" / cache.name
+    return shipped if _method_key(method)[0] == "base" and shipped.is_file() else None
+
+
+def _read_eval(path: Path) -> "pd.DataFrame":
+    import pandas as pd
+
+    return pd.read_csv(path, keep_default_na=False, dtype={"output": str, "prediction": str},
+                       converters={"SS": lambda v: float(v) if v != "" else float("nan")})
 
 
 def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-shot", progress: bool = False,
@@ -537,8 +574,13 @@ def evaluate_method(profile=None, out=None, seed: int = 0, method: str = "zero-s
     key, think = _method_key(method)
     cache = _eval_cache(profile, out, seed, method)
     if cache.is_file() and not force and _folder_holds(cache.parent, method, profile, out, seed):
-        return pd.read_csv(cache, keep_default_na=False, dtype={"output": str, "prediction": str},
-                           converters={"SS": lambda v: float(v) if v != "" else float("nan")})
+        return _read_eval(cache)
+    shipped = _shipped_eval(profile, cache, method)
+    if shipped and not force:
+        # measured when the model was shipped (same model, benchmark, prompt, settings and scoring: same name)
+        df = _read_eval(shipped)
+        atomic_write_text(cache, df.to_csv(index=False))
+        return df
     if key == "clip":
         from .clip_baseline import closed_world_eval
 
@@ -578,7 +620,8 @@ def evaluate_methods(profile=None, out=None, seeds=(0,), methods=tuple(METHODS),
     for s in seeds:
         for m in methods:
             cache = _eval_cache(profile, out, s, m)
-            if not (cache.is_file() and _folder_holds(cache.parent, m, profile, out, s)):
+            if not (cache.is_file() and _folder_holds(cache.parent, m, profile, out, s)) \
+                    and not _shipped_eval(profile, cache, m):
                 todo[s, m] = dict(profile=profile, out=out, seed=s, method=m)
     if workers_for(len(todo)) > 1:
         for seed in sorted({s for s, _ in todo}):

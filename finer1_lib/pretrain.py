@@ -559,6 +559,8 @@ def ship_model(out: str | Path, dest: str | Path | None = None, metrics: dict | 
             shutil.copy2(f, tmp / f.name)
         for name in manifest.get("stages", {}):
             shutil.copy2(out / name / "log.csv", tmp / f"pretrain_log_{name}.csv")
+        if (out / "zero-shot").is_dir():  # its zero-shot answers on the benchmarks (pipeline.shipping_metrics)
+            shutil.copytree(out / "zero-shot", tmp / "zero-shot")
         if metrics:
             manifest["metrics"] = metrics
         manifest["command"] = f"python -m finer1_lib pretrain --profile {manifest['profile']} --ship"

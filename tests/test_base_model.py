@@ -21,7 +21,7 @@ def shipped():
 
 def test_shipped_model_is_small_and_described(shipped):
     manifest, model, _ = shipped
-    size = sum(p.stat().st_size for p in BASE_MODEL_DIR.iterdir())
+    size = sum(p.stat().st_size for p in BASE_MODEL_DIR.rglob("*") if p.is_file())
     assert size <= 50 * 2**20, f"data/base_model is {size / 2**20:.1f} MB (limit 50 MB)"
     assert count_parameters(model) == manifest["parameters"] <= 20_000_000
     for key in ("world_seed", "steps", "stages", "seed", "train_seconds", "command", "metrics"):
@@ -51,3 +51,21 @@ def test_manifest_metrics_match_a_fresh_evaluation(shipped, tmp_path):
     assert fresh.keys() == stored.keys()
     for key in stored:  # tolerance: one greedy decision flipped by float rounding on another CPU
         assert fresh[key] == pytest.approx(stored[key], abs=1.5), key
+
+
+def test_shipped_zero_shot_answers_are_the_ones_the_manifest_measured(shipped, tmp_path):
+    """zero-shot/ holds the answers shipping measured, under the names evaluate_method looks up (so the
+    tutorial reuses them), and they give the manifest's naming metrics."""
+    from finer1_lib.evaluate import summarize
+    from finer1_lib.pipeline import _read_eval, zero_shot_file
+
+    if not (BASE_MODEL_DIR / "zero-shot").is_dir():
+        pytest.skip("this base model was shipped before its zero-shot answers were")
+    profile = PROFILES["smoke"]
+    bench = build_benchmark(profile, tmp_path / "bench", seed=0, progress=False)
+    path = BASE_MODEL_DIR / "zero-shot" / zero_shot_file(profile, bench)
+    assert path.is_file(), sorted(p.name for p in (BASE_MODEL_DIR / "zero-shot").iterdir())
+    naming = summarize(_read_eval(path))["all"]
+    stored = shipped[0]["metrics"]["smoke benchmark, seed 0"]
+    for (metric, split), value in naming.items():
+        assert value == pytest.approx(stored[f"{metric} [{split}]"], abs=0.01), (metric, split)

@@ -179,3 +179,49 @@ def test_committed_three_seed_tables_are_the_sample_std_of_their_per_seed_number
     summary = pipeline.analysis_summary("cpu", folder, seeds=(0, 1, 2))
     for method, row in summary.iterrows():
         assert f"| {method} | " + " | ".join(row) + " |" in text, method
+
+
+def test_shipped_zero_shot_answers_are_reused_only_when_everything_matches(profile, tmp_path, monkeypatch):
+    """A model folder's zero-shot/ (written at shipping) stands in for generating every answer again, but only
+    under the name its model, benchmark, settings and scoring give; another setting generates afresh."""
+    import shutil
+
+    import pandas as pd
+
+    from finer1_lib import evaluate
+
+    model = tmp_path / "model"
+    shutil.copytree(profile.model, model)
+    prof = profile.replace(model=str(model))
+    bench = pipeline.get_benchmark(prof, tmp_path / "run", 0)
+    shipped = pd.DataFrame({"output": ["<answer>a shipped answer</answer>"], "prediction": ["x"], "SS": [0.5]})
+    (model / "zero-shot").mkdir()
+    shipped.to_csv(model / "zero-shot" / pipeline.zero_shot_file(prof, bench), index=False)
+    assert pipeline.base_model_key(prof) == pipeline.base_model_key(profile)  # zero-shot/ is not part of the model
+
+    def generate_afresh(*args, **kwargs):
+        return pd.DataFrame({"output": ["fresh"], "prediction": ["y"], "SS": [0.0]})
+
+    monkeypatch.setattr(evaluate, "evaluate_model", generate_afresh)
+    df = pipeline.evaluate_method(prof, tmp_path / "run", 0, "zero-shot")
+    assert df["output"].tolist() == ["<answer>a shipped answer</answer>"]
+    assert (bench.root / pipeline.zero_shot_file(prof, bench)).is_file()  # now in the run's cache too
+    other = prof.replace(eval=dict(prof.eval, max_new_tokens=prof.eval["max_new_tokens"] + 1))
+    assert pipeline.evaluate_method(other, tmp_path / "run", 0, "zero-shot")["output"].tolist() == ["fresh"]
+    step = pipeline.evaluate_method(prof, tmp_path / "run", 0, "zero-shot + step by step")
+    assert step["output"].tolist() == ["fresh"]  # another prompt: not what was shipped
+
+
+def test_ship_model_takes_the_zero_shot_answers_along(profile, tmp_path):
+    import shutil
+
+    from finer1_lib.pretrain import ship_model
+
+    run = tmp_path / "run"
+    shutil.copytree(profile.model, run / "model")
+    (run / "manifest.json").write_text(json.dumps({"profile": "smoke", "stages": {}}))
+    (run / "zero-shot").mkdir()
+    (run / "zero-shot" / "eval-zero-shot-abc.csv").write_text("output\nx\n")
+    dest = ship_model(run, tmp_path / "shipped")
+    assert (dest / "zero-shot" / "eval-zero-shot-abc.csv").read_text() == "output\nx\n"
+    assert (dest / "config.json").is_file()
