@@ -77,7 +77,7 @@ class Profile:
 _PRETRAIN_STAGES = dict(
     text=dict(steps=800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=100, train=dict(language=1.0),
               mixture=dict(knowledge=0.6, reasoning=0.4)),
-    vision=dict(steps=1200, batch_size=64, lr=1e-3, min_lr=5e-5, warmup=50, p_full=0.4, attribute_weight=2.0),
+    vision=dict(steps=2400, batch_size=64, lr=1e-3, min_lr=5e-5, warmup=50, p_full=0.4, attribute_weight=2.0),
     align=dict(steps=400, batch_size=32, lr=1e-3, min_lr=1e-4, warmup=50, train=dict(merger=1.0, language=0.1),
                mixture=dict(caption=0.6, attribute=0.3, super=0.1)),
     instruct=dict(steps=1500, batch_size=16, lr=5e-4, min_lr=5e-5, warmup=100,
