@@ -73,7 +73,7 @@ from .records import SUPER_CATEGORIES, SUPER_CATEGORY_WORD
 from .world import SCHEMAS, World, join_phrases
 
 __all__ = ["STAGES", "TASKS", "make_example", "pretrain_batch", "pretrain", "cosine_lr", "length_buckets",
-           "read_log", "ship_model", "stage_key", "parameter_groups", "pretrain_corpus"]
+           "read_log", "ship_model", "stage_key", "stage_keys", "parameter_groups", "pretrain_corpus"]
 
 STAGES = ("text", "vision", "align", "instruct")
 TASKS = ("caption", "attribute", "super", "knowledge", "naming", "reasoning", "choice", "coarse_choice", "cot_choice")
@@ -274,6 +274,20 @@ def _stage_settings(cfg: dict, name: str, steps: int | None) -> dict:
         if not isinstance(stage.get(key), int) or stage[key] < 1:
             raise ValueError(f"pretraining stage {name!r}: {key} must be a positive integer, got {stage.get(key)!r}")
     return stage
+
+
+def stage_keys(profile: Profile | str | None = None, steps: int | None = None) -> dict[str, str]:
+    """Each stage's key for ``profile`` (stage name -> :func:`stage_key`), chained: a stage's key covers its own
+    settings and every stage before it, starting from the model size and the world. ``pretrain`` skips a stage
+    whose ``done.json`` holds this key; a shipped manifest must hold these keys."""
+    profile = get_profile(profile)
+    cfg = dict(profile.pretrain)
+    if not cfg:
+        raise ValueError(f"profile {profile.name!r} has no pretraining settings (real models come pretrained)")
+    parent, keys = f"{profile.tiny_size}/world{profile.world_seed}/{profile.image_size}/{profile.n_genera}", {}
+    for name in STAGES:
+        parent = keys[name] = stage_key(_stage_settings(cfg, name, steps), parent)
+    return keys
 
 
 def _complete(ckpt: Path) -> bool:
@@ -483,16 +497,16 @@ def pretrain(profile: Profile | str | None = None, out: str | Path | None = None
     world = World(profile.world_seed, profile.image_size, profile.n_genera)
     torch.manual_seed(cfg["seed"])
 
-    parent, summary = f"{profile.tiny_size}/world{profile.world_seed}/{profile.image_size}/{profile.n_genera}", {}
+    keys, summary = stage_keys(profile, steps), {}
     model = processor = None
     for name in run:
         s = _stage_settings(cfg, name, steps)
-        key = stage_key(s, parent)
+        key = keys[name]
         folder = out / name
         done = folder / "done.json"
         if done.is_file() and json.loads(done.read_text()).get("key") == key and (folder / "model").is_dir():
             summary[name] = json.loads(done.read_text())
-            parent, model = key, None
+            model = None
             continue
         if folder.exists():
             marker = folder / "key.txt"
@@ -519,7 +533,6 @@ def pretrain(profile: Profile | str | None = None, out: str | Path | None = None
                          "train": s.get("train", {"vision": 1.0, "merger": 1.0}),
                          "mixture": s.get("mixture"), "train_seconds": round(seconds, 1)}
         write_json(done, summary[name])
-        parent = key
     last = out / run[-1] / "model"
     if model is None:
         model, processor = load_model(last)

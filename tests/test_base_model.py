@@ -74,15 +74,12 @@ def test_shipped_zero_shot_answers_are_the_ones_the_manifest_measured(shipped, t
 def test_shipped_model_is_the_cpu_profiles_recipe():
     """A changed pretraining setting in profiles.py without a re-shipped model would leave every notebook and
     number on a model the recipe no longer builds: each shipped stage key is the one the cpu profile computes."""
-    from finer1_lib.pretrain import _stage_settings, stage_key
+    from finer1_lib.pretrain import stage_keys
 
     manifest = json.loads((BASE_MODEL_DIR / "manifest.json").read_text())
     profile = PROFILES["cpu"]
-    parent = f"{profile.tiny_size}/world{profile.world_seed}/{profile.image_size}/{profile.n_genera}"
     assert manifest["world_seed"] == profile.world_seed
-    for name in STAGES:
-        key = stage_key(_stage_settings(dict(profile.pretrain), name, None), parent)
+    for name, key in stage_keys(profile).items():
         assert manifest["stages"][name]["key"] == key, (
             f"stage {name!r}: data/base_model was built with other settings than profiles.py's; "
             "rebuild it with `python -m finer1_lib pretrain --profile cpu --ship`")
-        parent = key

@@ -249,6 +249,7 @@ def test_pretrain_writes_every_stage_model_log_and_manifest(uninterrupted):
     assert manifest["steps"] == 16 and manifest["parameters"] == count_parameters(model)
     assert manifest["stages"]["instruct"]["mixture"] == PRETRAIN_MIXTURE
     assert manifest["tiny_size"] == "tiny-3m" and manifest["profile"] == "smoke" and manifest["naming_images"] == 2
+    assert {s: v["key"] for s, v in manifest["stages"].items()} == pt.stage_keys(_profile())
 
 
 def test_each_stage_trains_only_its_groups(uninterrupted):
@@ -363,6 +364,9 @@ def test_a_changed_stage_setting_reruns_that_stage_and_the_later_ones(uninterrup
     assert before["vision"] == after["vision"] and before["text"] == after["text"]
     assert before["align"] != after["align"] and before["instruct"] != after["instruct"]
     assert json.loads(after["align"])["lr"] == stages["align"]["lr"]
+    old_keys, new_keys = pt.stage_keys(profile), pt.stage_keys(changed)
+    assert [old_keys[s] == new_keys[s] for s in pt.STAGES] == [True, True, False, False]
+    assert {s: json.loads(after[s])["key"] for s in pt.STAGES} == new_keys
 
 
 @pytest.mark.parametrize("steps", [0, -5, 2.5, True])
