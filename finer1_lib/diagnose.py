@@ -195,6 +195,17 @@ def diagnose_methods(profile=None, out=None, seed: int = 0, methods=DIAGNOSED_ME
     return pd.concat(tables, names=["method"])
 
 
+def diagnosis_by_method(frames: dict, world: World) -> pd.DataFrame:
+    """``diagnosis_table`` of each method's answers (``frames``: method -> evaluation results), one block per method
+    (rows (method, mode, split)). The seen classes are read from the answers (the ground truths of rows whose split
+    is "seen"); methods without generated text (the CLIP-style encoder) are left out."""
+    have = {m: f for m, f in frames.items() if "output" in f.columns}
+    seen = sorted({str(t) for f in have.values() for t in f.loc[f["split"] == "seen", "ground_truth"]})
+    if not have:
+        return pd.DataFrame()
+    return pd.concat({m: diagnosis_table(diagnose(f, world, seen)) for m, f in have.items()}, names=["method"])
+
+
 # ------------------------------------------------------------------------------------ several names at once
 
 def names_in(text: str | None, names: Iterable[str]) -> set[str]:

@@ -926,6 +926,7 @@ def build_report(profile, out, seeds, runs=None, methods=ALL_METHODS, analysis: 
     write_json(out / "verdicts.json", json.loads(json.dumps(findings, default=_json_default)))
     text = _results_md(profile, out, runs, seeds, methods, canon, tables, findings, flat, analysis, config, wall)
     text += _hedging_section(profile, out, frames, seeds, methods)
+    text += _diagnosis_section(profile, out, frames, seeds, methods)
     return atomic_write_text(out / "results.md", text)
 
 
@@ -974,6 +975,33 @@ def _hedging_section(profile, out: Path, frames: dict, seeds, methods) -> str:
             + _md(stops) + "\n")
 
 
+#: The diagnosis columns results.md shows (all of them are in diagnosis.csv).
+DIAGNOSIS_COLUMNS = ("step: right", "step: perception", "step: recall", "step: choice", "attribute precision",
+                     "wrong attributes = the answer's", "truth among candidates", "seen-class candidates")
+
+
+def _diagnosis_section(profile, out: Path, frames: dict, seeds, methods) -> str:
+    """``diagnosis.csv`` (``diagnose.diagnosis_table`` per seed and method) and its section of results.md: where
+    each method's answers go wrong, the first failing step and what the analysis states. Micro world only (its
+    images' attributes are known)."""
+    from .diagnose import diagnosis_by_method
+
+    def table_fn(fr, names):
+        from .world import World
+        return diagnosis_by_method(fr, World(profile.world_seed, profile.image_size, profile.n_genera))
+
+    flat = _answer_table(profile, out, frames, seeds, methods, table_fn, "diagnosis.csv")
+    if flat is None or flat.empty:
+        return ""
+    return ("\n## Where the answers go wrong (`finer1_lib.diagnose`)\n\n"
+            "Per answer, the first step that failed: `perception` (the analysis states an attribute value the image "
+            "does not have), `recall` (the truth is not among the `<options>` candidates), `choice` (it is, and the "
+            "answer names another). `attribute precision`: stated values that are the image's; `wrong attributes = "
+            "the answer's`: wrongly stated values that belong to the species the answer names (the analysis "
+            "describes the answer, not the image). All %, mean over seeds; every column per seed in `diagnosis.csv`."
+            "\n\n" + _md(flat[[c for c in DIAGNOSIS_COLUMNS if c in flat.columns]]) + "\n")
+
+
 def _curves_figure(out: Path, seed: int) -> Path | None:
     """``rl_curves.png``: the per-step reward, groups kept, KL and response length of the seed's RL runs."""
     import matplotlib.pyplot as plt
@@ -992,7 +1020,7 @@ def _curves_figure(out: Path, seed: int) -> Path | None:
 
 
 #: The committed reproduction the notebooks show beside their short live runs.
-COMMITTED = REPO_ROOT / "data" / "results" / "cpu-reproduce-v3"
+COMMITTED = REPO_ROOT / "data" / "results" / "cpu-reproduce-v4"
 
 
 def committed(out=None, seed: int = 0) -> dict:

@@ -73,6 +73,23 @@ def test_diagnose_labels_the_first_failed_step(world):
     assert table["wrong, right genus"] == pytest.approx(100 * 2 / 4)  # perception, recall right genus; choice, unstructured not
 
 
+def test_diagnosis_by_method_reads_the_seen_classes_from_the_answers_and_skips_clip(world):
+    """The reproduce report's diagnosis: one block per method with generated text; the seen classes are the
+    ground truths of the "seen" rows, so a candidate list of seen classes scores 100 % seen-class candidates."""
+    from finer1_lib.diagnose import diagnosis_by_method
+
+    a, b, c = world.species[:3]
+    rows = [{"output": _answer(", ".join(x.phrases()), [a.name, b.name], x.name), "ground_truth": x.name,
+             "super_category": x.super_category, "split": split, "mode": "closed", "correct": True}
+            for x, split in ((a, "seen"), (b, "seen"), (c, "unseen"))]
+    frames = {"CoT SFT": pd.DataFrame(rows), "CLIP": pd.DataFrame(rows).drop(columns="output")}
+    table = diagnosis_by_method(frames, world)
+    assert list(table.index.get_level_values("method").unique()) == ["CoT SFT"]
+    assert table.loc[("CoT SFT", "closed", "unseen"), "seen-class candidates"] == pytest.approx(100.0)
+    assert table.loc[("CoT SFT", "closed", "seen"), "n"] == 2
+    assert diagnosis_by_method({"CLIP": frames["CLIP"]}, world).empty
+
+
 def test_diagnose_needs_evaluation_columns(world):
     with pytest.raises(ValueError, match="lack the columns"):
         diagnose(pd.DataFrame({"output": ["x"]}), world)

@@ -279,6 +279,13 @@ def test_reproduce_end_to_end_on_smoke_then_everything_cached(tmp_path, capsys, 
         table = pd.read_csv(out / name)
         assert cols <= set(table.columns) and {"zero-shot", "CoT SFT", "Fine-R1 (TAPO)"} <= set(table["method"]), name
     assert "## Does the answer stop after `</answer>`?" in md
+    diag = pd.read_csv(out / "diagnosis.csv")
+    assert {"seed", "method", "mode", "split", "step: right", "attribute precision"} <= set(diag.columns)
+    right = diag.set_index(["method", "mode", "split"])["step: right"]
+    closed = ev["closed-world acc"]
+    for m in ("zero-shot", "CoT SFT", "Fine-R1 (TAPO)"):   # the first step "right" is the accuracy, to rounding
+        assert right[m, "closed", "unseen"] == pytest.approx(closed.loc[m, "unseen"], abs=0.06), m
+    assert "## Where the answers go wrong" in md
 
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
     again = reproduce.reproduce(profile, out, **kw)
