@@ -196,17 +196,23 @@ def sft_samples(profile=None, out=None, seed: int = 0, data: str = "cot") -> lis
     return read_sharegpt(folder / f"{data}_sft.json", image_root=get_benchmark(profile, out, seed).root)
 
 
-def sft_config(profile=None, seed: int = 0, **overrides) -> dict:
+def sft_config(profile=None, seed: int = 0, data: str = "cot", **overrides) -> dict:
     """The settings of an SFT run: ``profile.sft`` (complete: ``profiles.SFT_BASE``), then ``overrides``
-    (unknown keys are an error), with the run's seed."""
-    return {**stage_config(profile, "sft", overrides), "seed": seed}
+    (unknown keys are an error), with the run's seed. ``direct_lr`` is resolved, not kept: the direct-answer run
+    (``data="direct"``) trains at it when it is set (change it with ``direct_lr=...``; ``direct_lr=None`` gives
+    it ``lr``), every other run at ``lr``."""
+    cfg = {**stage_config(profile, "sft", overrides), "seed": seed}
+    direct_lr = cfg.pop("direct_lr", None)
+    if data == "direct" and direct_lr is not None:
+        cfg["lr"] = direct_lr
+    return cfg
 
 
 def sft_key(profile=None, out=None, seed: int = 0, data: str = "cot", **overrides) -> str:
     """The key of an SFT run: its settings, the training dtype, the base model, the SFT set's bytes and the
     benchmark (builds the CoT set if missing)."""
     profile = get_profile(profile)
-    cfg = sft_config(profile, seed, **overrides)
+    cfg = sft_config(profile, seed, data, **overrides)
     if data not in ("cot", "direct"):
         raise ValueError(f"unknown SFT data {data!r}; expected 'cot' or 'direct'")
     folder, _ = run_cot(profile, out, seed, progress=False)
@@ -234,7 +240,7 @@ def run_sft(profile=None, out=None, seed: int = 0, data: str = "cot", progress: 
     profile = get_profile(profile)
     if max_steps is not None:
         overrides["max_steps"] = max_steps
-    cfg = sft_config(profile, seed, **overrides)
+    cfg = sft_config(profile, seed, data, **overrides)
     key = sft_key(profile, out, seed, data, **overrides)
     folder = _run_dir(profile, out) / f"sft-{data}-seed{seed}"
     if fresh:

@@ -211,6 +211,7 @@ def train_sft(model, processor, examples: Sequence[ChatExample], out: str | Path
     check_keys("sft", cfg, "train_sft cfg")  # a misspelled key is an error naming it
     cfg = {**SFT_DEFAULTS, **cfg}
     cfg.pop("max_steps", None)
+    cfg.pop("direct_lr", None)  # resolved by pipeline.sft_config: this run trains at cfg["lr"]
     if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
         raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
     out = Path(out)

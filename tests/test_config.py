@@ -22,18 +22,33 @@ from finer1_lib.world import World
 
 def test_stage_settings_come_from_the_profile_with_checked_overrides():
     assert stage_config("cpu", "sft")["lr"] == PROFILES["cpu"].sft["lr"]
-    assert stage_config("cpu", "sft", {"lr": 1e-4})["lr"] == 1e-4
+    assert stage_config("cpu", "sft", {"lr": 2e-4})["lr"] == 2e-4
     with pytest.raises(ConfigError, match=r"unknown sft setting 'lrr' \(override\); valid sft settings: .*lr, "):
-        stage_config("cpu", "sft", {"lrr": 1e-4})
-    sets = parse_sets(["lr=1e-4", "tapo.gamma=0.5", "sft.lora={\"r\": 4}", "bf16=true"], "sft")
-    assert sets == {"sft": {"lr": 1e-4, "lora": {"r": 4}, "bf16": True}, "tapo": {"gamma": 0.5}}
+        stage_config("cpu", "sft", {"lrr": 2e-4})
+    sets = parse_sets(["lr=2e-4", "tapo.gamma=0.5", "sft.lora={\"r\": 4}", "bf16=true"], "sft")
+    assert sets == {"sft": {"lr": 2e-4, "lora": {"r": 4}, "bf16": True}, "tapo": {"gamma": 0.5}}
     profile = with_overrides("cpu", sets)
-    assert profile.sft["lr"] == 1e-4 and profile.tapo["gamma"] == 0.5 and profile.name == "cpu"
-    assert PROFILES["cpu"].sft["lr"] == 3e-4  # the registered profile is not changed
+    assert profile.sft["lr"] == 2e-4 and profile.tapo["gamma"] == 0.5 and profile.name == "cpu"
+    assert PROFILES["cpu"].sft["lr"] == 1e-4  # the registered profile is not changed
     with pytest.raises(ConfigError, match="unknown stage 'foo'"):
         parse_sets(["foo.lr=1"], "sft")
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_sets(["lr"], "sft")
+
+
+def test_the_direct_sft_baseline_trains_at_direct_lr_and_the_key_does_not_carry_it():
+    """direct_lr is resolved into lr for the direct-answer run only, and dropped from the settings (so the CoT
+    run's settings, and its cache key, are what they were before the setting existed)."""
+    from finer1_lib.pipeline import sft_config
+
+    cot, direct = sft_config("cpu", 0, "cot"), sft_config("cpu", 0, "direct")
+    assert cot["lr"] == PROFILES["cpu"].sft["lr"] == 1e-4 and direct["lr"] == PROFILES["cpu"].sft["direct_lr"] == 3e-4
+    assert "direct_lr" not in cot and "direct_lr" not in direct
+    assert {k: v for k, v in direct.items() if k != "lr"} == {k: v for k, v in cot.items() if k != "lr"}
+    assert sft_config("cpu", 0, "direct", direct_lr=None)["lr"] == 1e-4        # None: the run's lr
+    assert sft_config("cpu", 0, "direct", direct_lr=5e-5)["lr"] == 5e-5
+    assert sft_config("cpu", 0, "direct", lr=2e-4)["lr"] == 3e-4                # lr is the other runs'
+    assert sft_config("qwen2.5-vl-3b", 0, "direct")["lr"] == 5e-6              # the paper: one rate for both
 
 
 def test_a_misspelled_tapo_key_is_an_error_not_dropped():
@@ -132,7 +147,7 @@ def test_another_sft_setting_is_a_new_run_and_the_same_one_is_reused(profile, tm
     folder = tmp_path / "sft-direct-seed0"
     a = pipeline.run_sft(profile, tmp_path, 0, "direct", progress=False)
     w_a = _weights(folder)
-    b = pipeline.run_sft(profile, tmp_path, 0, "direct", progress=False, lr=1e-3)
+    b = pipeline.run_sft(profile, tmp_path, 0, "direct", progress=False, direct_lr=1e-3)  # the direct run's lr
     assert not b.get("reused") and b["resumed_from"] is None and b["key"] != a["key"] and b["steps"] == a["steps"]
     assert b["cfg"]["lr"] == 1e-3 and _weights(folder) != w_a
     assert json.loads((folder / "run.json").read_text())["config"]["lr"] == 1e-3     # the config, saved
@@ -141,7 +156,8 @@ def test_another_sft_setting_is_a_new_run_and_the_same_one_is_reused(profile, tm
     again = pipeline.run_sft(profile, tmp_path, 0, "direct", progress=False)          # the first settings:
     assert again["reused"] and again["key"] == a["key"] and _weights(folder) == w_a  # the first run, back
     # the same settings through the profile (what --set does) are the same run
-    same = pipeline.run_sft(profile.replace(sft=dict(profile.sft, lr=1e-3)), tmp_path, 0, "direct", progress=False)
+    same = pipeline.run_sft(profile.replace(sft=dict(profile.sft, direct_lr=1e-3)), tmp_path, 0, "direct",
+                            progress=False)
     assert same["reused"] and same["key"] == b["key"]
     # another base model is another run
     other = profile.replace(model=str(_copy_model(profile, tmp_path / "other-base")))
