@@ -36,8 +36,11 @@ def _tapo_step_weights(folder):
 def _assert_close(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        # one sampled step at lr 1e-3 moves weights by ~1e-3; thread-count noise is ~1e-7 (fp32 summation order)
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}, {k}: {m}")
+        # One sampled step at lr 1e-3 moves each weight with a gradient by ~1e-3 (Adam's first step is lr * sign);
+        # a different step (other samples, other data) differs by that much. Thread-count noise in the gradient is
+        # ~1e-7 relative, but Adam divides by |g| + eps, so on weights whose gradient is near eps it can move the
+        # update by a few 1e-5 (measured: 1.8e-5 on a CI run). 2e-4 = a fifth of one step separates the two.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-4, msg=lambda m: f"{what}, {k}: {m}")
 
 
 def test_results_come_back_in_job_order_and_failures_are_named():
