@@ -29,7 +29,7 @@ def test_stage_settings_come_from_the_profile_with_checked_overrides():
     assert sets == {"sft": {"lr": 2e-4, "lora": {"r": 4}, "bf16": True}, "tapo": {"gamma": 0.5}}
     profile = with_overrides("cpu", sets)
     assert profile.sft["lr"] == 2e-4 and profile.tapo["gamma"] == 0.5 and profile.name == "cpu"
-    assert PROFILES["cpu"].sft["lr"] == 1e-4  # the registered profile is not changed
+    assert PROFILES["cpu"].sft["lr"] == 2e-6  # the registered profile is not changed
     with pytest.raises(ConfigError, match="unknown stage 'foo'"):
         parse_sets(["foo.lr=1"], "sft")
     with pytest.raises(ConfigError, match="expected key=value"):
@@ -42,10 +42,10 @@ def test_the_direct_sft_baseline_trains_at_direct_lr_and_the_key_does_not_carry_
     from finer1_lib.pipeline import sft_config
 
     cot, direct = sft_config("cpu", 0, "cot"), sft_config("cpu", 0, "direct")
-    assert cot["lr"] == PROFILES["cpu"].sft["lr"] == 1e-4 and direct["lr"] == PROFILES["cpu"].sft["direct_lr"] == 3e-4
+    assert cot["lr"] == PROFILES["cpu"].sft["lr"] == 2e-6 and direct["lr"] == PROFILES["cpu"].sft["direct_lr"] == 3e-4
     assert "direct_lr" not in cot and "direct_lr" not in direct
     assert {k: v for k, v in direct.items() if k != "lr"} == {k: v for k, v in cot.items() if k != "lr"}
-    assert sft_config("cpu", 0, "direct", direct_lr=None)["lr"] == 1e-4        # None: the run's lr
+    assert sft_config("cpu", 0, "direct", direct_lr=None)["lr"] == 2e-6        # None: the run's lr
     assert sft_config("cpu", 0, "direct", direct_lr=5e-5)["lr"] == 5e-5
     assert sft_config("cpu", 0, "direct", lr=2e-4)["lr"] == 3e-4                # lr is the other runs'
     assert sft_config("qwen2.5-vl-3b", 0, "direct")["lr"] == 5e-6              # the paper: one rate for both
