@@ -1020,7 +1020,7 @@ def _curves_figure(out: Path, seed: int) -> Path | None:
 
 
 #: The committed reproduction the notebooks show beside their short live runs.
-COMMITTED = REPO_ROOT / "data" / "results" / "cpu-reproduce-v4"
+COMMITTED = REPO_ROOT / "data" / "results" / "cpu-reproduce-v5"
 
 
 def committed(out=None, seed: int = 0) -> dict:
